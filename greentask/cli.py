@@ -1,0 +1,93 @@
+"""The ``greentask`` command: ``greentask call FUNCTION [JSON_ARGS]``, ``greentask config-doc``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+import ujson
+
+from greentask.client import TaskClient
+from greentask.config import load, render_markdown
+from greentask.errors import ConfigError, GreentaskError
+
+#: Exit status of a call whose task failed or could not be reached.
+EXIT_TASK_FAILED = 1
+#: Exit status of a wrong command line or config.
+EXIT_USAGE = 2
+
+
+def _dumps(value: Any) -> str:
+    return ujson.dumps(value, ensure_ascii=False, escape_forward_slashes=False)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="greentask", description="greentask command line")
+    commands = parser.add_subparsers(dest="command", required=True)
+    call = commands.add_parser(
+        "call", help="run a task and print its result",
+        description="Run FUNCTION on a task server; print progress lines (with --progress) "
+                    "and the result as JSON. Exit 0 on success, 1 when the task failed.")
+    call.add_argument("function", help="task name, such as echo or send_bulk")
+    call.add_argument("args", nargs="?", default=None,
+                      help='arguments as JSON: an object for keywords ({"to": "a@b"}) or an '
+                           'array for positions ([1, 2])')
+    call.add_argument("--server", metavar="HOST:PORT", action="append",
+                      help="task server (repeat for failover); default: [worker] bind of -c")
+    call.add_argument("-c", "--config", metavar="FILE", help="read the server from this INI")
+    call.add_argument("--progress", action="store_true", help="print progress lines")
+    call.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (60)")
+    commands.add_parser("config-doc", help="print docs/config.md, made from the settings")
+    return parser
+
+
+def _parse_task_args(text: str | None) -> list[Any] | dict[str, Any]:
+    if text is None:
+        return []
+    try:
+        args = ujson.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"JSON_ARGS is not valid JSON ({exc}); quote it for the shell, "
+                         """such as '{"x": 1}'""") from None
+    if not isinstance(args, (list, dict)):
+        raise ValueError("JSON_ARGS must be an object (keyword arguments) or an array "
+                         "(positional arguments)")
+    return args
+
+
+def call(args: argparse.Namespace) -> int:
+    """``greentask call``."""
+    try:
+        task_args = _parse_task_args(args.args)
+        servers = args.server
+        if not servers:
+            host, port = load(args.config).worker.bind
+            servers = [f"{host}:{port}"]
+        client = TaskClient(servers, timeout=args.timeout)
+    except (ValueError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    on_progress = (lambda value: print(_dumps({"progress": value}), flush=True)) \
+        if args.progress else None
+    with client:
+        try:
+            result = client.apply(args.function, task_args, on_progress=on_progress).get()
+        except GreentaskError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_TASK_FAILED
+    print(_dumps(result))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``greentask`` console script."""
+    args = _build_parser().parse_args(argv)
+    if args.command == "config-doc":
+        sys.stdout.write(render_markdown())
+        return 0
+    return call(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,347 @@
+"""TaskClient: call tasks on greentask servers over persistent, pipelined connections.
+
+Theory of operation
+-------------------
+The client keeps up to ``connections_per_server`` connections to each server
+in its list, opened on first use. Each request gets an id unique on its
+connection and is written with one ``sendall``; a reader thread per connection
+matches reply lines to waiting :class:`TaskHandle` objects by id, so any number
+of callers share one connection. The client uses only ``socket`` and
+``threading``: in a gevent-monkey-patched process those are gevent's, so it
+works from greenlets as well as from plain threads.
+
+Failures: a server that refuses connections is skipped for
+:data:`DOWN_RETRY_DELAY` seconds and the next one is tried. A request that
+could not be written completely never reached a server, and is sent
+elsewhere. A request that was sent but whose connection died before the
+reply raises :class:`WorkerLost`, unless the caller said the task may run
+twice (``retry=True``). A ``ShuttingDown`` answer means the task did not run,
+so it is always sent again on another connection.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from greentask.config import to_address
+from greentask.errors import (
+    ConnectionFailed,
+    GreentaskError,
+    RemoteError,
+    ShuttingDown,
+    TaskTimeout,
+    WorkerLost,
+)
+from greentask.protocol import LineDecoder, Reply, encode_request, parse_reply
+
+log = logging.getLogger("greentask.client")
+
+#: Seconds a server that refused a connection is skipped before it is tried again.
+DOWN_RETRY_DELAY = 1.0
+#: Longest reply line the client accepts (64 MiB).
+MAX_REPLY_LINE = 64 * 1024 * 1024
+#: Times one request may be sent (failover, ShuttingDown, retry=True) before it fails.
+MAX_ATTEMPTS = 5
+
+ProgressCallback = Callable[[Any], None]
+
+
+class TaskHandle:
+    """A submitted task; :meth:`get` waits for its result."""
+
+    def __init__(self, client: TaskClient, function: str, args: list[Any] | dict[str, Any],
+                 timeout: float, retry: bool, on_progress: ProgressCallback | None) -> None:
+        self.function = function
+        self.args = args
+        self.timeout = timeout
+        self.retry = retry
+        self.on_progress = on_progress
+        self.attempts = 0
+        self._client = client
+        self._connection: _Connection | None = None
+        self._done = threading.Event()
+        self._result: Any = None
+        self._error: BaseException | None = None
+
+    def done(self) -> bool:
+        """True once the result or the error is in."""
+        return self._done.is_set()
+
+    def get(self, timeout: float | None = None) -> Any:
+        """Wait for the result and return it, or raise the task's error.
+
+        Raises :class:`RemoteError` (or a subclass such as :class:`TaskError`)
+        for an error reply, :class:`TaskTimeout` when nothing came within
+        ``timeout`` (default: the call's timeout), :class:`WorkerLost` or
+        :class:`ConnectionFailed`.
+        """
+        wait = self.timeout if timeout is None else timeout
+        if not self._done.wait(wait):
+            raise TaskTimeout(f"no reply to task {self.function!r} within {wait:g} s; the "
+                              "server may still be running it")
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+    def _resolve(self, result: Any = None, error: BaseException | None = None) -> None:
+        self._result, self._error = result, error
+        self._done.set()
+
+    def _progress(self, value: Any) -> None:
+        if self.on_progress is None:
+            return
+        try:
+            self.on_progress(value)
+        except Exception:
+            log.exception("on_progress callback of task %r raised", self.function)
+
+    def _lost(self, reason: str) -> None:
+        """The connection died after this request was sent."""
+        if self.retry:
+            self._client._send(self)
+        else:
+            self._resolve(error=WorkerLost(
+                f"connection to the task server closed before task {self.function!r} "
+                f"answered ({reason}); it may or may not have run. Pass retry=True for tasks "
+                "that are safe to run twice"))
+
+
+class _SendFailed(Exception):
+    """The request was not written completely: no server has it."""
+
+
+class _Connection:
+    """One persistent connection and the thread that reads its replies."""
+
+    def __init__(self, address: tuple[str, int], connect_timeout: float) -> None:
+        self.address = address
+        self.sock = socket.create_connection(address, timeout=connect_timeout)
+        self.sock.settimeout(None)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.alive = True
+        self.draining = False
+        self._pending: dict[int, TaskHandle] = {}
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        threading.Thread(target=self._read_loop, name=f"greentask-reader-{address[1]}",
+                         daemon=True).start()
+
+    @property
+    def usable(self) -> bool:
+        """True while new requests may be sent on it."""
+        return self.alive and not self.draining
+
+    def send(self, handle: TaskHandle) -> None:
+        """Write ``handle``'s request; raises :class:`_SendFailed` when it was not."""
+        with self._lock:
+            if not self.alive:
+                raise _SendFailed("connection closed")
+            request_id = next(self._ids)
+            line = encode_request(handle.function, handle.args, request_id,
+                                  progress=handle.on_progress is not None,
+                                  timeout=handle.timeout)
+            self._pending[request_id] = handle
+            try:
+                self.sock.sendall(line)
+            except OSError as exc:
+                del self._pending[request_id]
+                raise _SendFailed(str(exc)) from None
+
+    def close(self) -> None:
+        """Close; the reader fails whatever is still pending."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _read_loop(self) -> None:
+        decoder = LineDecoder(MAX_REPLY_LINE)
+        reason = "closed by the server"
+        try:
+            while not decoder.too_large:
+                data = self.sock.recv(65536)
+                if not data:
+                    break
+                for line in decoder.feed(data):
+                    self._dispatch(parse_reply(line))
+            else:
+                reason = f"a reply line was longer than {MAX_REPLY_LINE} bytes"
+        except OSError as exc:
+            reason = str(exc)
+        finally:
+            self._fail_pending(reason)
+
+    def _dispatch(self, reply: Reply) -> None:
+        with self._lock:
+            if reply.kind == "progress":
+                handle = self._pending.get(reply.id)  # type: ignore[arg-type]
+            elif reply.id is not None:
+                handle = self._pending.pop(reply.id, None)  # type: ignore[arg-type]
+            elif self._pending:
+                # A plain Text protocol server echoes no id and answers in order.
+                handle = self._pending.pop(next(iter(self._pending)))
+            else:
+                handle = None
+        if handle is None:
+            return
+        if reply.kind == "progress":
+            handle._progress(reply.value)
+        elif reply.kind == "result":
+            handle._resolve(reply.value)
+        elif isinstance(reply.value, ShuttingDown):
+            # The task did not run: send it elsewhere, and send nothing more here.
+            self.draining = True
+            handle._client._send(handle)
+        else:
+            handle._resolve(error=reply.value)
+
+    def _fail_pending(self, reason: str) -> None:
+        with self._lock:
+            self.alive = False
+            lost = list(self._pending.values())
+            self._pending.clear()
+        self.sock.close()
+        for handle in lost:
+            handle._lost(reason)
+
+
+class TaskClient:
+    """Calls tasks on one or more greentask servers; safe to share between greenlets and threads.
+
+    ``servers``: ``"HOST:PORT"`` strings, tried in turn (round-robin, and on
+    failure the next one). ``timeout``: default seconds a call waits for its
+    result; also sent to the server, which stops the task after it.
+    """
+
+    def __init__(self, servers: Iterable[str] = ("127.0.0.1:12345",), timeout: float = 30.0,
+                 connect_timeout: float = 5.0, connections_per_server: int = 2) -> None:
+        self.servers = [_parse_server(server) for server in servers]
+        if not self.servers:
+            raise ValueError("TaskClient needs at least one server, such as '127.0.0.1:12345'")
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self._target = connections_per_server * len(self.servers)
+        self._connections: list[_Connection] = []
+        self._down_until: dict[tuple[str, int], float] = {}
+        self._server_turn = itertools.count()
+        self._connection_turn = itertools.count()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def call(self, function: str, /, *args: Any, retry: bool = False,
+             timeout: float | None = None, on_progress: ProgressCallback | None = None,
+             **kwargs: Any) -> Any:
+        """Run ``function`` on a server and return its result, or raise its error.
+
+        Positional or keyword arguments (not both) are the task's; ``retry``,
+        ``timeout`` and ``on_progress`` are the call's own (see :meth:`submit`).
+        """
+        return self.submit(function, *args, retry=retry, timeout=timeout,
+                           on_progress=on_progress, **kwargs).get()
+
+    def submit(self, function: str, /, *args: Any, retry: bool = False,
+               timeout: float | None = None, on_progress: ProgressCallback | None = None,
+               **kwargs: Any) -> TaskHandle:
+        """Send a task and return at once; ``handle.get()`` waits for the result.
+
+        ``retry=True`` says the task is safe to run twice: if its connection
+        dies before the reply, it is sent again to another server.
+        ``on_progress(value)`` is called for each progress line, from the
+        connection's reader: keep it short.
+        """
+        if args and kwargs:
+            raise TypeError("pass the task's arguments by position or by keyword, not both")
+        return self.apply(function, kwargs or list(args), retry=retry, timeout=timeout,
+                          on_progress=on_progress)
+
+    def apply(self, function: str, args: list[Any] | dict[str, Any] | None = None, *,
+              retry: bool = False, timeout: float | None = None,
+              on_progress: ProgressCallback | None = None) -> TaskHandle:
+        """Like :meth:`submit`, with the task's arguments as one list or dict.
+
+        Use it when the arguments are data already, or when a task has an
+        argument named ``retry``, ``timeout`` or ``on_progress``.
+        """
+        if args is not None and not isinstance(args, (list, dict)):
+            raise TypeError(f"args must be a list or a dict, not {type(args).__name__}")
+        handle = TaskHandle(self, function, args or [],
+                            self.timeout if timeout is None else timeout, retry, on_progress)
+        self._send(handle)
+        return handle
+
+    def close(self) -> None:
+        """Close every connection; calls still waiting raise :class:`WorkerLost`."""
+        with self._lock:
+            self._closed = True
+            connections, self._connections = self._connections, []
+        for connection in connections:
+            connection.close()
+
+    def __enter__(self) -> TaskClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _send(self, handle: TaskHandle) -> None:
+        while handle.attempts < MAX_ATTEMPTS:
+            handle.attempts += 1
+            try:
+                self._connection().send(handle)
+                return
+            except _SendFailed:
+                continue
+            except GreentaskError as exc:
+                handle._resolve(error=exc)
+                return
+        handle._resolve(error=ConnectionFailed(
+            f"task {handle.function!r} could not be delivered after {MAX_ATTEMPTS} attempts; "
+            f"servers: {self._describe_servers()}"))
+
+    def _connection(self) -> _Connection:
+        with self._lock:
+            if self._closed:
+                raise ConnectionFailed("the client is closed")
+            self._connections = [c for c in self._connections if c.usable]
+            if len(self._connections) < self._target:
+                errors = self._open_connection()
+                if errors and not self._connections:
+                    raise ConnectionFailed(
+                        f"cannot connect to any task server ({'; '.join(errors)}); is "
+                        "greentask running there? (start it with scripts/run)")
+            return self._connections[next(self._connection_turn) % len(self._connections)]
+
+    def _open_connection(self) -> list[str]:
+        """Connect to the next server that is not marked down; return the errors met."""
+        now = time.monotonic()
+        candidates = [self.servers[(next(self._server_turn) + i) % len(self.servers)]
+                      for i in range(len(self.servers))]
+        up = [address for address in candidates if self._down_until.get(address, 0) <= now]
+        errors = []
+        for address in up or candidates:
+            try:
+                self._connections.append(_Connection(address, self.connect_timeout))
+                return []
+            except OSError as exc:
+                self._down_until[address] = now + DOWN_RETRY_DELAY
+                errors.append(f"{address[0]}:{address[1]}: {exc.strerror or exc}")
+        return errors
+
+    def _describe_servers(self) -> str:
+        return ", ".join(f"{host}:{port}" for host, port in self.servers)
+
+
+def _parse_server(server: str) -> tuple[str, int]:
+    try:
+        return to_address(server)
+    except ValueError as exc:
+        raise ValueError(f"bad server {server!r}: {exc}") from None
+
+
+__all__ = ["RemoteError", "TaskClient", "TaskHandle"]

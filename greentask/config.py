@@ -1,0 +1,321 @@
+"""Settings: each declared once, then read from an INI file and the environment.
+
+Every setting is a :class:`Setting` in :data:`SETTINGS`: its section, key,
+default, converter and one line of help. That one list drives parsing,
+validation, error messages, ``conf/worker.ini``'s checks and ``docs/config.md``
+(``greentask config-doc`` prints it). ``GREENTASK_<SECTION>_<KEY>``
+environment variables override the file. A converter is a small pure function
+that turns text into a value or raises ``ValueError`` saying what it accepts;
+:func:`load` adds where the text came from.
+"""
+
+from __future__ import annotations
+
+import configparser
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+from greentask.errors import ConfigError
+
+ENV_PREFIX = "GREENTASK_"
+
+
+def to_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) -> ``(host, port)``."""
+    host, sep, port = text.strip().rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError("expected HOST:PORT, such as 127.0.0.1:12345 (port 0 to 65535)")
+    return host, int(port)
+
+
+def to_positive_int(text: str) -> int:
+    """A whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError("expected a whole number of at least 1")
+    return value
+
+
+def to_processes(text: str) -> int:
+    """``auto`` (one per CPU) or a whole number of at least 1."""
+    if text.strip().lower() == "auto":
+        return os.cpu_count() or 1
+    try:
+        return to_positive_int(text)
+    except ValueError:
+        raise ValueError("expected 'auto' or a whole number of at least 1") from None
+
+
+def to_seconds(text: str) -> float:
+    """A positive number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise ValueError("expected a positive number of seconds, such as 30 or 0.5")
+    return value
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024 ** 2,
+               "mb": 1024 ** 2, "mib": 1024 ** 2}
+
+
+def to_size(text: str) -> int:
+    """A byte count: ``1048576``, ``64KiB`` or ``1MiB``."""
+    stripped = text.strip().lower()
+    digits = stripped.rstrip("abcdefghijklmnopqrstuvwxyz ")
+    unit = stripped[len(digits):].strip()
+    if not digits.isdigit() or unit not in _SIZE_UNITS or int(digits) < 1:
+        raise ValueError("expected a positive size in bytes, such as 1048576, 64KiB or 1MiB")
+    return int(digits) * _SIZE_UNITS[unit]
+
+
+_BOOLEANS = {"1": True, "true": True, "yes": True, "on": True,
+             "0": False, "false": False, "no": False, "off": False}
+
+
+def to_bool(text: str) -> bool:
+    """``true``/``false`` (also yes/no, on/off, 1/0)."""
+    try:
+        return _BOOLEANS[text.strip().lower()]
+    except KeyError:
+        raise ValueError("expected true or false") from None
+
+
+def to_module_list(text: str) -> list[str]:
+    """Comma-separated dotted module names."""
+    modules = [name.strip() for name in text.split(",") if name.strip()]
+    for name in modules:
+        if not all(part.isidentifier() for part in name.split(".")):
+            raise ValueError(f"{name!r} is not a module name; expected dotted module names "
+                             "separated by commas, such as greentask.examples.basic, myapp.tasks")
+    return modules
+
+
+_LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def to_loglevel(text: str) -> int:
+    """One of debug, info, warning, error, critical."""
+    name = text.strip().lower()
+    if name not in _LOG_LEVELS:
+        raise ValueError(f"expected one of {', '.join(_LOG_LEVELS)}")
+    return getattr(logging, name.upper())
+
+
+def to_name(text: str) -> str:
+    """A short name of letters, digits, ``-``, ``_`` and ``.``."""
+    name = text.strip()
+    if not name or not all(c.isalnum() or c in "-_." for c in name):
+        raise ValueError("expected a short name of letters, digits, '-', '_' and '.'")
+    return name
+
+
+def to_host(text: str) -> str:
+    """A host name or IP address."""
+    host = text.strip()
+    if not host or any(c.isspace() for c in host):
+        raise ValueError("expected a host name or IP address, such as 127.0.0.1")
+    return host
+
+
+def to_port(text: str) -> int:
+    """A TCP port, 1 to 65535."""
+    if not text.strip().isdigit() or not 1 <= int(text) <= 65535:
+        raise ValueError("expected a TCP port from 1 to 65535")
+    return int(text)
+
+
+def to_text(text: str) -> str:
+    """Any non-empty text."""
+    if not text.strip():
+        raise ValueError("expected a non-empty value")
+    return text.strip()
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting: where it lives, its default (as text), how to read it, what it does."""
+
+    section: str
+    key: str
+    default: str
+    convert: Callable[[str], Any]
+    help: str
+
+    @property
+    def env_var(self) -> str:
+        """The environment variable that overrides this setting."""
+        return f"{ENV_PREFIX}{self.section}_{self.key}".upper()
+
+    @property
+    def accepts(self) -> str:
+        """What values it takes, from the converter's docstring."""
+        return (self.convert.__doc__ or "").strip()
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("worker", "name", "greentask", to_name,
+            "Name shown in logs and process titles; tells several daemons apart."),
+    Setting("worker", "bind", "127.0.0.1:12345", to_address,
+            "Address of the task port. Loopback by default: opening it to a network "
+            "lets anyone who reaches it run tasks."),
+    Setting("worker", "processes", "auto", to_processes,
+            "Number of forked worker processes."),
+    Setting("worker", "tasks", "greentask.examples.basic, greentask.examples.mail",
+            to_module_list,
+            "Task modules to import in each worker process, after the fork and after "
+            "gevent's monkey patching."),
+    Setting("worker", "concurrency", "1000", to_positive_int,
+            "Tasks one process runs at once; when they are all busy the process stops "
+            "reading requests (TCP backpressure) instead of dropping them."),
+    Setting("worker", "max_line", "1MiB", to_size,
+            "Longest request line; a longer one is answered with TooLarge and the "
+            "connection is closed."),
+    Setting("worker", "task_timeout", "300", to_seconds,
+            "Longest run of one task; a request's own timeout can only shorten it."),
+    Setting("worker", "graceful_timeout", "30", to_seconds,
+            "On SIGTERM, how long in-flight tasks may run before their process is killed."),
+    Setting("worker", "loglevel", "info", to_loglevel,
+            "Log level of the master and the workers."),
+    Setting("worker", "debug", "false", to_bool,
+            "Include tracebacks in TaskError replies (never in production: they reveal "
+            "your code)."),
+    Setting("smtp", "host", "127.0.0.1", to_host,
+            "SMTP server the mail example tasks send through."),
+    Setting("smtp", "port", "25", to_port,
+            "Port of that SMTP server."),
+    Setting("smtp", "sender", "greentask@localhost", to_text,
+            "Envelope and From address of the mail example tasks."),
+    Setting("smtp", "max_parallel", "10", to_positive_int,
+            "SMTP sessions one send_bulk task keeps open at once; each sends many messages."),
+)
+
+_BY_SECTION: dict[str, dict[str, Setting]] = {}
+for _setting in SETTINGS:
+    _BY_SECTION.setdefault(_setting.section, {})[_setting.key] = _setting
+
+
+class Config(SimpleNamespace):
+    """Loaded settings: ``config.worker.bind``, ``config.smtp.port``; ``.path``: the file."""
+
+    path: str | None
+
+
+def _convert(setting: Setting, text: str, origin: str) -> Any:
+    try:
+        return setting.convert(text)
+    except ValueError as exc:
+        raise ConfigError(f"{origin}: [{setting.section}] {setting.key} = {text!r}: {exc}") \
+            from None
+
+
+def _read_file(path: str) -> dict[str, dict[str, str]]:
+    parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=("#", ";"))
+    try:
+        with open(path, encoding="utf-8") as file:
+            parser.read_file(file)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror}; pass an "
+                          "existing file with -c (the shipped one is conf/worker.ini)") from None
+    except (configparser.Error, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not a valid INI file: {exc}".replace("\n", " ")) from None
+    values: dict[str, dict[str, str]] = {}
+    for section in parser.sections():
+        known = _BY_SECTION.get(section)
+        if known is None:
+            raise ConfigError(f"{path}: unknown section [{section}]; the sections are "
+                              f"{', '.join(f'[{name}]' for name in _BY_SECTION)}")
+        for key, text in parser.items(section):
+            if key not in known:
+                raise ConfigError(f"{path}: [{section}] {key}: unknown key; the keys of "
+                                  f"[{section}] are {', '.join(known)}")
+            values.setdefault(section, {})[key] = text
+    return values
+
+
+def _read_environment(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    values: dict[str, dict[str, str]] = {}
+    by_env = {setting.env_var: setting for setting in SETTINGS}
+    for name, text in environ.items():
+        setting = by_env.get(name)
+        if setting is not None:
+            values.setdefault(setting.section, {})[setting.key] = text
+        elif any(name.startswith(f"{ENV_PREFIX}{section.upper()}_") for section in _BY_SECTION):
+            raise ConfigError(f"environment: {name}: no such setting; the variables are "
+                              f"{', '.join(sorted(by_env))}")
+    return values
+
+
+def load(path: str | None = None, environ: Mapping[str, str] | None = None,
+         overrides: Mapping[tuple[str, str], str] | None = None) -> Config:
+    """Read settings from defaults, then ``path``, then the environment, then ``overrides``.
+
+    ``overrides`` maps ``(section, key)`` to text, for command-line flags.
+    Raises :class:`ConfigError` naming the file, section, key, value and
+    what is accepted.
+    """
+    defaults: dict[str, dict[str, str]] = {}
+    for setting in SETTINGS:
+        defaults.setdefault(setting.section, {})[setting.key] = setting.default
+    layers = [("defaults", defaults)]
+    if path is not None:
+        layers.append((path, _read_file(path)))
+    layers.append(("environment", _read_environment(os.environ if environ is None else environ)))
+    if overrides:
+        flags: dict[str, dict[str, str]] = {}
+        for (section, key), text in overrides.items():
+            flags.setdefault(section, {})[key] = text
+        layers.append(("command line", flags))
+    sections = {section: SimpleNamespace() for section in _BY_SECTION}
+    for origin, values in layers:
+        for section, keys in values.items():
+            for key, text in keys.items():
+                setting = _BY_SECTION[section][key]
+                setattr(sections[section], key, _convert(setting, text, origin))
+    return Config(path=path, **sections)
+
+
+_current: Config | None = None
+
+
+def current() -> Config:
+    """The config of this process: the one the worker loaded, else defaults and environment."""
+    global _current
+    if _current is None:
+        _current = load()
+    return _current
+
+
+def set_current(config: Config) -> None:
+    """Make ``config`` what :func:`current` returns (the worker does this at start-up)."""
+    global _current
+    _current = config
+
+
+def render_markdown() -> str:
+    """``docs/config.md``, generated from :data:`SETTINGS`."""
+    lines = ["# Configuration", "",
+             "<!-- Generated by `greentask config-doc`; edit greentask/config.py. -->", "",
+             "greentask reads an INI file (`-c conf/worker.ini`). Each setting can be "
+             "overridden by an environment variable `GREENTASK_<SECTION>_<KEY>`; the "
+             "worker's `--bind` and `--processes` flags override both. A wrong value stops "
+             "the program with exit status 2 and a one-line error naming the file, "
+             "section, key, value and what is accepted.", ""]
+    for section, settings in _BY_SECTION.items():
+        lines += [f"## [{section}]", "", "| key | default | accepts | what it does |",
+                  "| --- | --- | --- | --- |"]
+        for s in settings.values():
+            lines.append(f"| `{s.key}` | `{s.default}` | {s.accepts} | {s.help} "
+                         f"(env `{s.env_var}`) |")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Example tasks, served by the shipped ``conf/worker.ini``."""

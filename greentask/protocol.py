@@ -1,0 +1,248 @@
+"""The greentask wire protocol, sans-IO: bytes in, requests and replies out.
+
+Theory of operation
+-------------------
+A connection carries UTF-8 JSON objects, one per line, each ending in ``\\n``
+(``\\r\\n`` is accepted, empty lines are skipped). The caller sends requests::
+
+    {"function": "send_mail", "args": {"to": "a@example.org"}, "id": 7, "progress": true}
+
+and the server answers each with exactly one final line, ``{"id": 7, "ok": true,
+"result": ...}`` or ``{"id": 7, "ok": false, "error": {"type": ..., "message":
+...}}``, preceded by any number of ``{"id": 7, "progress": ...}`` lines when the
+request asked for progress. ``docs/protocol.md`` is the full description.
+
+Nothing here touches a socket. :class:`LineDecoder` turns received bytes into
+complete lines and holds at most ``max_line`` bytes of an unfinished line, so a
+peer that never sends a newline cannot grow memory. ``parse_request`` and
+``parse_reply`` turn one line into a value or raise the documented error, and
+the ``encode_*`` functions build the bytes to send.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import ujson
+
+from greentask.errors import BadRequest, RemoteError, TooLarge
+
+#: A request id: echoed on every line that answers the request.
+RequestId = int | str | None
+
+#: Default longest accepted line, its newline excluded (1 MiB).
+DEFAULT_MAX_LINE = 1024 * 1024
+
+_REQUEST_FIELDS = frozenset(("function", "args", "id", "progress", "timeout"))
+
+
+class LineDecoder:
+    """Split a byte stream into lines, never buffering more than ``max_line`` bytes.
+
+    ``feed(data)`` returns the complete, non-empty lines found so far, without
+    their line ending. A line's length counts every byte before its ``\n``.
+    When a line grows past ``max_line`` the decoder sets
+    :attr:`too_large`, returns the lines that came before it and ignores all
+    later input: the stream cannot be resynchronised, so the caller answers
+    ``TooLarge`` and closes the connection.
+    """
+
+    def __init__(self, max_line: int = DEFAULT_MAX_LINE) -> None:
+        if max_line < 1:
+            raise ValueError(f"max_line must be at least 1, not {max_line}")
+        self.max_line = max_line
+        self.too_large = False
+        self._partial = bytearray()
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held of a line whose newline has not arrived yet."""
+        return len(self._partial)
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """Add received bytes; return the complete lines they finish."""
+        if self.too_large:
+            return []
+        if b"\n" not in data:
+            if len(self._partial) + len(data) > self.max_line:
+                return self._overflow([])
+            self._partial += data
+            return []
+        chunks = data.split(b"\n")
+        if self._partial:
+            self._partial += chunks[0]
+            chunks[0] = bytes(self._partial)
+        tail = chunks.pop()
+        lines = []
+        for line in chunks:
+            # The limit counts a trailing \r, so it does not depend on how the
+            # bytes were split into reads.
+            if len(line) > self.max_line:
+                return self._overflow(lines)
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if line:
+                lines.append(line)
+        if len(tail) > self.max_line:
+            return self._overflow(lines)
+        self._partial = bytearray(tail)
+        return lines
+
+    def _overflow(self, lines: list[bytes]) -> list[bytes]:
+        self.too_large = True
+        self._partial = bytearray()
+        return lines
+
+    def too_large_error(self) -> TooLarge:
+        """The error to answer with once :attr:`too_large` is set."""
+        return TooLarge(
+            f"request line is longer than max_line ({self.max_line} bytes); send smaller "
+            "arguments (pass a reference such as a file name or URL instead of the data) "
+            "or raise [worker] max_line; the connection is closed"
+        )
+
+
+@dataclass(frozen=True)
+class Request:
+    """One decoded request line."""
+
+    function: str
+    args: list[Any] | dict[str, Any]
+    id: RequestId = None
+    progress: bool = False
+    timeout: float | None = None
+
+
+def parse_request(line: bytes) -> Request:
+    """Decode one request line.
+
+    Raises :class:`BadRequest` when the line is not a JSON object or a field
+    has the wrong type. The error's ``request_id`` attribute holds the id when
+    one could be read, so the reply can still be matched by the caller.
+    """
+    try:
+        obj = ujson.loads(line)
+    except ValueError as exc:  # JSONDecodeError, invalid UTF-8, nesting too deep
+        raise BadRequest(f"request is not valid JSON ({exc}); send one JSON object "
+                         "per line, UTF-8 encoded") from None
+    if not isinstance(obj, dict):
+        raise BadRequest(f"request must be a JSON object, not {_json_kind(obj)}; "
+                         'send {"function": NAME, "args": ...}')
+    request_id = obj.get("id")
+    try:
+        return _request_from_object(obj, request_id)
+    except BadRequest as exc:
+        exc.request_id = _valid_id_or_none(request_id)
+        raise
+
+
+def _request_from_object(obj: dict[str, Any], request_id: Any) -> Request:
+    if request_id is not None and (not isinstance(request_id, (int, str))
+                                   or isinstance(request_id, bool)):
+        raise BadRequest(f'"id" must be a string or an integer, not {_json_kind(request_id)}')
+    function = obj.get("function")
+    if function is None or function == "":
+        raise BadRequest('"function" is required: the name of a task, such as "echo"')
+    if not isinstance(function, str):
+        raise BadRequest(f'"function" must be a string, not {_json_kind(function)}')
+    args = obj.get("args")
+    if args is None:
+        args = []
+    elif not isinstance(args, (list, dict)):
+        raise BadRequest('"args" must be an object (keyword arguments) or an array '
+                         f"(positional arguments), not {_json_kind(args)}")
+    progress = obj.get("progress", False)
+    if not isinstance(progress, bool):
+        raise BadRequest(f'"progress" must be true or false, not {_json_kind(progress)}')
+    timeout = obj.get("timeout")
+    if timeout is not None:
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
+                or not 0 < timeout < float("inf"):
+            raise BadRequest(f'"timeout" must be a positive number of seconds, not {timeout!r}')
+        timeout = float(timeout)
+    unknown = obj.keys() - _REQUEST_FIELDS
+    if unknown:
+        raise BadRequest(f"unknown request field(s) {sorted(unknown)}; the fields are "
+                         f"{sorted(_REQUEST_FIELDS)}")
+    return Request(function, args, request_id, progress, timeout)
+
+
+def _valid_id_or_none(request_id: Any) -> RequestId:
+    if isinstance(request_id, (int, str)) and not isinstance(request_id, bool):
+        return request_id
+    return None
+
+
+def _json_kind(value: Any) -> str:
+    kinds = {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
+             int: "a number", float: "a number", type(None): "null"}
+    return kinds.get(type(value), type(value).__name__)
+
+
+def _line(reply: dict[str, Any], request_id: RequestId) -> bytes:
+    if request_id is not None:
+        reply["id"] = request_id
+    return ujson.dumps(reply, allow_nan=False, reject_bytes=True).encode() + b"\n"
+
+
+def encode_result(request_id: RequestId, result: Any) -> bytes:
+    """The final line of a task that returned ``result``.
+
+    Raises ``TypeError`` or ``OverflowError`` when ``result`` is not JSON.
+    """
+    return _line({"ok": True, "result": result}, request_id)
+
+
+def encode_error(request_id: RequestId, error: RemoteError) -> bytes:
+    """The final line of a request that failed with ``error``."""
+    return _line({"ok": False, "error": error.to_dict()}, request_id)
+
+
+def encode_progress(request_id: RequestId, value: Any) -> bytes:
+    """A progress line; raises ``TypeError`` or ``OverflowError`` when ``value`` is not JSON."""
+    return _line({"progress": value}, request_id)
+
+
+def encode_request(function: str, args: list[Any] | dict[str, Any] | None = None,
+                   request_id: RequestId = None, progress: bool = False,
+                   timeout: float | None = None) -> bytes:
+    """The line that asks a server to run ``function``."""
+    request: dict[str, Any] = {"function": function}
+    if args:
+        request["args"] = args
+    if progress:
+        request["progress"] = True
+    if timeout is not None:
+        request["timeout"] = timeout
+    return _line(request, request_id)
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One decoded reply line: ``kind`` is ``"result"``, ``"error"`` or ``"progress"``."""
+
+    kind: str
+    id: RequestId
+    value: Any
+
+
+def parse_reply(line: bytes) -> Reply:
+    """Decode one line a task server sent.
+
+    A line that is JSON but has neither ``ok`` nor ``progress`` (a plain Text
+    protocol server, such as Workerman's task worker, answers with just the
+    result) is a result, and so is a line that is not JSON at all: its text.
+    """
+    try:
+        obj = ujson.loads(line)
+    except ValueError:
+        return Reply("result", None, line.decode("utf-8", "replace"))
+    if not isinstance(obj, dict) or ("ok" not in obj and "progress" not in obj):
+        return Reply("result", None, obj)
+    request_id = _valid_id_or_none(obj.get("id"))
+    if "ok" not in obj:
+        return Reply("progress", request_id, obj["progress"])
+    if obj["ok"] is True:
+        return Reply("result", request_id, obj.get("result"))
+    return Reply("error", request_id, RemoteError.from_dict(obj.get("error")))

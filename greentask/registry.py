@@ -1,0 +1,139 @@
+"""Task registration: ``@task`` maps a name to a function; ``progress`` reports from inside one.
+
+A task module is imported in each worker process after the fork, so its
+``@task`` decorators fill that process's :data:`default_registry`. The server
+looks a request's ``function`` up there and calls it with the request's
+``args``.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import inspect
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar, overload
+
+from greentask.errors import BadArguments, UnknownFunction
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: Where ``progress()`` sends values in the running task (per greenlet: each
+#: greenlet has its own context).
+_progress_sink: contextvars.ContextVar[Callable[[Any], None] | None] = \
+    contextvars.ContextVar("greentask_progress_sink", default=None)
+
+
+class Registry:
+    """Task name -> function."""
+
+    def __init__(self) -> None:
+        self._tasks: dict[str, Callable[..., Any]] = {}
+
+    def add(self, function: Callable[..., Any], name: str | None = None) -> str:
+        """Register ``function`` under ``name`` (default: its ``__name__``); return the name."""
+        name = name or function.__name__
+        registered = self._tasks.get(name)
+        if registered is not None and registered is not function:
+            raise ValueError(f"task name {name!r} is already used by "
+                             f"{registered.__module__}.{registered.__qualname__}")
+        self._tasks[name] = function
+        return name
+
+    def names(self) -> list[str]:
+        """The registered task names, sorted."""
+        return sorted(self._tasks)
+
+    def lookup(self, name: str) -> Callable[..., Any]:
+        """Return the task called ``name`` or raise :class:`UnknownFunction`."""
+        try:
+            return self._tasks[name]
+        except KeyError:
+            raise UnknownFunction(
+                f"no task named {name!r}; this server has {self.names()} "
+                "(add its module to [worker] tasks)") from None
+
+    def clear(self) -> None:
+        """Forget every task."""
+        self._tasks.clear()
+
+
+#: The registry that ``@task`` fills and the server serves.
+default_registry = Registry()
+
+
+@overload
+def task(function: F, *, name: str | None = None) -> F: ...
+@overload
+def task(function: None = None, *, name: str | None = None) -> Callable[[F], F]: ...
+
+
+def task(function: Any = None, *, name: str | None = None) -> Any:
+    """Register a function as a task: ``@task`` or ``@task(name="mail.bulk")``."""
+    def register(fn: F) -> F:
+        default_registry.add(fn, name)
+        return fn
+    return register(function) if function is not None else register
+
+
+def call_task(function: Callable[..., Any], args: list[Any] | dict[str, Any]) -> Any:
+    """Call ``function`` with a request's ``args``.
+
+    Raises :class:`BadArguments` when the arguments do not fit its signature;
+    anything the task raises propagates.
+    """
+    try:
+        if isinstance(args, dict):
+            return function(**args)
+        return function(*args)
+    except TypeError as exc:
+        # Binding only on failure keeps the common path free of inspect: if the
+        # arguments cannot bind, the TypeError came from the call itself and the
+        # task never started.
+        reason = _binding_error(function, args)
+        if reason is None:
+            raise
+        raise BadArguments(f"{reason}; the signature is {_describe(function)}") from exc
+
+
+def _binding_error(function: Callable[..., Any], args: list[Any] | dict[str, Any]) -> str | None:
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):  # builtins without a signature
+        return None
+    try:
+        if isinstance(args, dict):
+            signature.bind(**args)
+        else:
+            signature.bind(*args)
+    except TypeError as exc:
+        return str(exc)
+    return None
+
+
+def _describe(function: Callable[..., Any]) -> str:
+    signature = inspect.signature(function)
+    bare = signature.replace(
+        parameters=[p.replace(annotation=p.empty) for p in signature.parameters.values()],
+        return_annotation=signature.empty)
+    return f"{function.__name__}{bare}"
+
+
+def progress(value: Any) -> None:
+    """Send ``value`` (any JSON) as a progress line of the running task.
+
+    A no-op when the request did not ask for progress, or outside a task.
+    """
+    sink = _progress_sink.get()
+    if sink is not None:
+        sink(value)
+
+
+@contextmanager
+def progress_sink(sink: Callable[[Any], None] | None) -> Iterator[None]:
+    """Route ``progress()`` calls of the current greenlet to ``sink`` while the block runs."""
+    token = _progress_sink.set(sink)
+    try:
+        yield
+    finally:
+        _progress_sink.reset(token)

@@ -1,0 +1,68 @@
+"""``python -m greentask.worker -c conf/worker.ini``: start the task daemon in the foreground."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from greentask.arbiter import EXIT_BOOT_ERROR, EXIT_CONFIG, EXIT_OK, Arbiter, import_task_modules
+from greentask.config import Config, load
+from greentask.errors import ConfigError
+
+LOG_FORMAT = "%(asctime)s [%(process)d] [%(levelname)s] %(message)s"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m greentask.worker",
+        description="Run the greentask task daemon: one master and forked worker processes.")
+    parser.add_argument("-c", "--config", metavar="FILE",
+                        help="INI file (the shipped defaults: conf/worker.ini)")
+    parser.add_argument("--bind", metavar="HOST:PORT", help="override [worker] bind")
+    parser.add_argument("--processes", metavar="N", help="override [worker] processes")
+    parser.add_argument("--check", action="store_true",
+                        help="validate the config and import the task modules, then exit")
+    return parser.parse_args(argv)
+
+
+def load_config(args: argparse.Namespace) -> Config:
+    """The config file with environment and flag overrides applied."""
+    overrides = {}
+    if args.bind is not None:
+        overrides[("worker", "bind")] = args.bind
+    if args.processes is not None:
+        overrides[("worker", "processes")] = args.processes
+    return load(args.config, overrides=overrides)
+
+
+def check(config: Config) -> int:
+    """``--check``: import the task modules and list their tasks."""
+    from greentask.registry import default_registry
+    try:
+        import_task_modules(config.worker.tasks)
+    except Exception as exc:
+        print(f"error: cannot import a [worker] tasks module: {type(exc).__name__}: {exc}",
+              file=sys.stderr)
+        return EXIT_BOOT_ERROR
+    print(f"config OK: {config.path or '(defaults)'}; tasks: "
+          f"{', '.join(default_registry.names())}")
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    args = parse_args(argv)
+    try:
+        config = load_config(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.check:
+        return check(config)
+    logging.basicConfig(level=config.worker.loglevel, format=LOG_FORMAT, stream=sys.stderr)
+    return Arbiter(config).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

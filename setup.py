@@ -1,0 +1,35 @@
+"""greentask: a brokerless task-offload system on gevent."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+
+
+def requirements() -> list[str]:
+    lines = (HERE / "requirements.txt").read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+setup(
+    name="greentask",
+    version="0.1.0",
+    description="Offload slow work to pre-forked gevent processes over TCP; no broker.",
+    long_description=(HERE / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["greentask", "greentask.*"]),
+    package_data={"greentask": ["py.typed"]},
+    install_requires=requirements(),
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "aiosmtpd>=1.4",
+                 "ruff>=0.6"],
+    },
+    entry_points={"console_scripts": ["greentask = greentask.cli:main"]},
+    classifiers=[
+        "Programming Language :: Python :: 3.11",
+        "Framework :: gevent",
+        "Operating System :: POSIX :: Linux",
+    ],
+)

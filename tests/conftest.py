@@ -1,0 +1,213 @@
+"""Shared fixtures: real daemons on free loopback ports, raw line sockets, bounded waits."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import ujson
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> object:
+    """Poll ``predicate`` until it returns something true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def children_of(pid: int) -> list[int]:
+    """Pids whose parent is ``pid`` (read from /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(entry))
+    return found
+
+
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def write_config(path: Path, worker: dict[str, object] | None = None,
+                 smtp: dict[str, object] | None = None) -> Path:
+    """An INI file with the given [worker] and [smtp] keys."""
+    lines = ["[worker]"] + [f"{k} = {v}" for k, v in (worker or {}).items()]
+    lines += ["[smtp]"] + [f"{k} = {v}" for k, v in (smtp or {}).items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class Daemon:
+    """``python -m greentask.worker`` in a real process, stopped by pid in teardown."""
+
+    def __init__(self, tmp_path: Path, processes: int = 2, **worker: object) -> None:
+        self.port = free_port()
+        self.processes = processes
+        settings = {"bind": f"127.0.0.1:{self.port}", "processes": processes,
+                    "tasks": "greentask.examples.basic, greentask.examples.mail, "
+                             "tests.tasks_for_tests",
+                    "graceful_timeout": 10, "loglevel": "info"}
+        settings.update(worker)
+        self.smtp = settings.pop("smtp", None)
+        self.config = write_config(tmp_path / f"worker-{self.port}.ini", settings, self.smtp)
+        self.log_path = tmp_path / f"worker-{self.port}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, wait: bool = True) -> Daemon:
+        log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen([PYTHON, "-m", "greentask.worker", "-c", str(self.config)],
+                                     cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        if wait:
+            wait_until(lambda: port_open(self.port) and len(self.children()) == self.processes
+                       and self.log().count("serving") >= self.processes, 15,
+                       f"daemon on port {self.port} to serve\n{self.log()}")
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def children(self) -> list[int]:
+        return children_of(self.pid)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait(self, timeout: float) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        """Kill the master and every child by pid (teardown)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        children = self.children()
+        self.proc.send_signal(signal.SIGQUIT)
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+        for pid in children:
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def make_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    """Start daemons on free ports; every one is stopped by pid afterwards."""
+    started: list[Daemon] = []
+
+    def make(start: bool = True, **kwargs: object) -> Daemon:
+        daemon = Daemon(tmp_path, **kwargs)
+        started.append(daemon)
+        return daemon.start() if start else daemon
+
+    yield make
+    for daemon in started:
+        daemon.stop()
+
+
+@pytest.fixture
+def daemon(make_daemon: Callable[..., Daemon]) -> Daemon:
+    """A running daemon with two workers."""
+    return make_daemon()
+
+
+class LineSocket:
+    """A raw client: send bytes, read reply lines, with a timeout on every wait."""
+
+    def __init__(self, port: int, timeout: float = 10.0) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.buffer = b""
+
+    def send(self, data: bytes | str) -> None:
+        self.sock.sendall(data.encode() if isinstance(data, str) else data)
+
+    def send_json(self, obj: object) -> None:
+        self.send(ujson.dumps(obj) + "\n")
+
+    def read_line(self) -> bytes:
+        while b"\n" not in self.buffer:
+            data = self.sock.recv(65536)
+            if not data:
+                raise EOFError(f"connection closed; unread: {self.buffer[:200]!r}")
+            self.buffer += data
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return line
+
+    def read_json(self) -> dict:
+        return ujson.loads(self.read_line())
+
+    def call(self, obj: object) -> dict:
+        self.send_json(obj)
+        return self.read_json()
+
+    def at_eof(self) -> bool:
+        data = self.sock.recv(1)
+        return data == b""
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def connect() -> Iterator[Callable[..., LineSocket]]:
+    sockets: list[LineSocket] = []
+
+    def make(port: int, timeout: float = 10.0) -> LineSocket:
+        sock = LineSocket(port, timeout)
+        sockets.append(sock)
+        return sock
+
+    yield make
+    for sock in sockets:
+        sock.close()

@@ -1,0 +1,38 @@
+"""Tasks that only the tests use (imported by the test daemons' [worker] tasks)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from greentask import progress, task
+
+
+@task
+def pid() -> int:
+    """The pid of the worker process that ran this."""
+    return os.getpid()
+
+
+@task
+def not_json() -> object:
+    return object()
+
+
+@task
+def exits() -> None:
+    raise SystemExit(3)
+
+
+@task(name="steps.count")
+def count_steps(n: int, delay: float = 0.0) -> int:
+    for i in range(1, n + 1):
+        progress({"step": i})
+        time.sleep(delay)
+    return n
+
+
+@task
+def bad_progress() -> str:
+    progress(object())
+    return "unreachable"

@@ -1,0 +1,117 @@
+"""Settings: declared once, read from INI and environment, with located errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from greentask.config import SETTINGS, load, render_markdown, to_address, to_size
+from greentask.errors import ConfigError
+
+from .conftest import PYTHON, ROOT
+
+
+def test_defaults_need_no_file():
+    config = load(environ={})
+    assert config.worker.bind == ("127.0.0.1", 12345)
+    assert config.worker.processes == (os.cpu_count() or 1)
+    assert config.worker.max_line == 1024 * 1024
+    assert config.worker.tasks == ["greentask.examples.basic", "greentask.examples.mail"]
+    assert config.smtp.port == 25
+
+
+def test_file_then_environment_then_flags(tmp_path):
+    path = tmp_path / "w.ini"
+    path.write_text("[worker]\nprocesses = 3\nconcurrency = 5\nmax_line = 64KiB\n")
+    config = load(str(path), environ={"GREENTASK_WORKER_CONCURRENCY": "7"},
+                  overrides={("worker", "processes"): "4"})
+    assert (config.worker.processes, config.worker.concurrency) == (4, 7)
+    assert config.worker.max_line == 65536
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("[worker]\nprocesses = many\n",
+     "w.ini: [worker] processes = 'many': expected 'auto' or a whole number of at least 1"),
+    ("[worker]\nbind = localhost\n",
+     "w.ini: [worker] bind = 'localhost': expected HOST:PORT"),
+    ("[worker]\ntask_timeout = 0\n", "[worker] task_timeout = '0': expected a positive number"),
+    ("[worker]\nloglevel = loud\n", "expected one of debug, info, warning, error, critical"),
+    ("[worker]\ndebug = maybe\n", "[worker] debug = 'maybe': expected true or false"),
+    ("[worker]\ntasks = my-tasks\n", "'my-tasks' is not a module name"),
+    ("[worker]\nmax_line = 1GB\n", "expected a positive size in bytes"),
+    ("[smtp]\nport = 0\n", "[smtp] port = '0': expected a TCP port from 1 to 65535"),
+    ("[workers]\n", "unknown section [workers]; the sections are [worker], [smtp]"),
+    ("[worker]\nproceses = 2\n", "[worker] proceses: unknown key; the keys of [worker] are"),
+    ("processes = 2\n", "not a valid INI file"),
+])
+def test_bad_file_names_file_section_key_and_accepted_values(tmp_path, text, expected):
+    path = tmp_path / "w.ini"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load(str(path), environ={})
+    assert expected in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read the config file"):
+        load(str(tmp_path / "nope.ini"), environ={})
+
+
+def test_bad_environment_value_names_the_variable():
+    with pytest.raises(ConfigError, match=r"environment: \[worker\] concurrency = '-1'"):
+        load(environ={"GREENTASK_WORKER_CONCURRENCY": "-1"})
+    with pytest.raises(ConfigError, match="GREENTASK_WORKER_PROCESES: no such setting"):
+        load(environ={"GREENTASK_WORKER_PROCESES": "2"})
+
+
+def test_converters():
+    assert to_address("[::1]:80") == ("::1", 80)
+    assert to_size("2MiB") == 2 * 1024 * 1024 and to_size("100") == 100
+    with pytest.raises(ValueError):
+        to_address("127.0.0.1:70000")
+
+
+def test_docs_config_md_is_generated_from_the_declarations():
+    assert (ROOT / "docs" / "config.md").read_text() == render_markdown(), \
+        "regenerate it: greentask config-doc > docs/config.md"
+
+
+def test_shipped_worker_ini_sets_every_key_to_its_default():
+    import configparser
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read(ROOT / "conf" / "worker.ini")
+    for setting in SETTINGS:
+        assert parser.get(setting.section, setting.key) == setting.default, setting.key
+    load(str(ROOT / "conf" / "worker.ini"), environ={})
+
+
+def run_worker_cli(*args, env=None):
+    return subprocess.run([PYTHON, "-m", "greentask.worker", *args], cwd=ROOT, timeout=30,
+                          capture_output=True, text=True, env=env)
+
+
+def test_check_flag_validates_and_lists_tasks():
+    result = run_worker_cli("-c", "conf/worker.ini", "--check")
+    assert result.returncode == 0, result.stderr
+    assert "config OK" in result.stdout and "send_bulk" in result.stdout
+
+
+def test_bad_config_exits_2_with_one_line(tmp_path):
+    path = tmp_path / "w.ini"
+    path.write_text("[worker]\nconcurrency = lots\n")
+    result = run_worker_cli("-c", str(path))
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "[worker] concurrency = 'lots'" in result.stderr
+    result = run_worker_cli("-c", "conf/worker.ini", "--processes", "0", "--check")
+    assert result.returncode == 2 and "command line: [worker] processes = '0'" in result.stderr
+
+
+def test_check_reports_a_task_module_that_does_not_import(tmp_path):
+    result = run_worker_cli("-c", "conf/worker.ini", "--check",
+                            env={**os.environ, "GREENTASK_WORKER_TASKS": "no_such_module"})
+    assert result.returncode == 3
+    assert "No module named 'no_such_module'" in result.stderr

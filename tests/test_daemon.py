@@ -1,0 +1,237 @@
+"""The forked daemon, through real processes and real sockets."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import struct
+import subprocess
+import threading
+
+import pytest
+
+from greentask import TaskClient
+
+from .conftest import PYTHON, ROOT, pid_alive, wait_until
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_one_master_and_n_children(make_daemon):
+    daemon = make_daemon(processes=3)
+    children = daemon.children()
+    assert len(children) == 3
+    for pid in children:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            assert b"greentask.worker" in cmdline.read()
+
+
+def test_thousand_concurrent_calls_all_succeed(daemon):
+    with TaskClient([daemon.address], timeout=30) as client:
+        handles = [client.submit("sleep", 0.2) for _ in range(500)]
+        handles += [client.submit("echo", i=i) for i in range(500)]
+        results = [handle.get() for handle in handles]
+    assert results[:500] == [0.2] * 500
+    assert results[500:] == [{"i": i} for i in range(500)]
+
+
+def test_both_processes_serve(daemon):
+    with TaskClient([daemon.address], connections_per_server=8) as client:
+        pids = {client.call("pid") for _ in range(64)}
+    assert pids <= set(daemon.children())
+    assert len(pids) == 2
+
+
+def test_cpu_hog_in_one_child_does_not_stop_the_other(daemon, connect):
+    hogged = connect(daemon.port, timeout=30)
+    hog_pid = hogged.call({"function": "pid"})["result"]
+    hogged.send_json({"function": "cpu", "args": [60_000_000], "id": "hog"})
+    for _ in range(10):
+        other = connect(daemon.port, timeout=10)
+        reply = other.call({"function": "pid", "id": 1})
+        assert reply["ok"] and reply["result"] != hog_pid
+    assert hogged.read_json()["id"] == "hog"
+
+
+@pytest.mark.parametrize("request_line, error_type, words", [
+    (b"this is not json\n", "BadRequest", "not valid JSON"),
+    (b'{"function": "echo", "id": 3, "args": 5}\n', "BadRequest", '"args" must be'),
+    (b"[1]\n", "BadRequest", "must be a JSON object"),
+    (b'{"function": "\xff\xfe", "id": 4}\n', "BadRequest", "not valid JSON"),
+    (b'{"function": "nope", "id": 5}\n', "UnknownFunction", "no task named 'nope'"),
+    (b'{"function": "sleep", "id": 6, "args": {"secs": 1}}\n', "BadArguments",
+     "missing a required argument: 'seconds'; the signature is sleep(seconds)"),
+    (b'{"function": "fail", "id": 7, "args": ["it broke"]}\n', "TaskError",
+     "RuntimeError: it broke"),
+    (b'{"function": "sleep", "id": 8, "args": [5], "timeout": 0.2}\n', "Timeout",
+     "ran longer than 0.2 s"),
+    (b'{"function": "not_json", "id": 9}\n', "TaskError", "not JSON"),
+    (b'{"function": "exits", "id": 10}\n', "TaskError", "SystemExit: 3"),
+    (b'{"function": "bad_progress", "id": 11, "progress": true}\n', "TaskError",
+     "TypeError"),
+])
+def test_bad_input_gets_its_error_and_the_connection_keeps_working(
+        daemon, connect, request_line, error_type, words):
+    conn = connect(daemon.port)
+    conn.send(request_line)
+    reply = conn.read_json()
+    assert reply["ok"] is False
+    assert reply["error"]["type"] == error_type
+    assert words in reply["error"]["message"]
+    assert "Traceback" not in reply["error"]["message"]
+    assert conn.call({"function": "echo", "args": {"still": "alive"}}) == {
+        "ok": True, "result": {"still": "alive"}}
+
+
+def test_debug_adds_the_traceback(make_daemon, connect):
+    daemon = make_daemon(debug="true")
+    reply = connect(daemon.port).call({"function": "fail"})
+    assert "Traceback" in reply["error"]["message"]
+
+
+def test_too_large_line_is_answered_then_closed(make_daemon, connect):
+    daemon = make_daemon(max_line="64KiB")
+    conn = connect(daemon.port)
+    try:
+        conn.send(b'{"function": "echo", "args": ["' + b"x" * (8 * 1024 * 1024))
+    except ConnectionError:
+        pass  # the server may stop discarding before all of it is sent
+    reply = conn.read_json()
+    assert reply["error"]["type"] == "TooLarge"
+    assert "max_line (65536 bytes)" in reply["error"]["message"]
+    assert conn.at_eof()
+    assert connect(daemon.port).call({"function": "echo", "args": [1]})["ok"]
+
+
+def test_requests_without_id_are_answered_in_order(daemon, connect):
+    conn = connect(daemon.port)
+    conn.send(b'{"function":"sleep","args":[0.3]}\n{"function":"echo","args":["second"]}\n')
+    assert conn.read_json() == {"ok": True, "result": 0.3}
+    assert conn.read_json() == {"ok": True, "result": ["second"]}
+
+
+def test_requests_with_ids_run_concurrently_and_answer_in_completion_order(daemon, connect):
+    conn = connect(daemon.port)
+    conn.send(b'{"function":"sleep","args":[0.5],"id":"slow"}\n'
+              b'{"function":"echo","args":[1],"id":"fast"}\n')
+    assert conn.read_json()["id"] == "fast"
+    assert conn.read_json()["id"] == "slow"
+
+
+def test_progress_lines_only_when_asked(daemon, connect):
+    conn = connect(daemon.port)
+    conn.send_json({"function": "steps.count", "args": [3], "id": 1, "progress": True})
+    lines = [conn.read_json() for _ in range(4)]
+    assert lines[:3] == [{"id": 1, "progress": {"step": i}} for i in (1, 2, 3)]
+    assert lines[3] == {"id": 1, "ok": True, "result": 3}
+    assert conn.call({"function": "steps.count", "args": [3], "id": 2}) == {
+        "id": 2, "ok": True, "result": 3}
+
+
+def test_half_closed_client_still_gets_every_reply(daemon, connect):
+    conn = connect(daemon.port)
+    conn.send(b"".join(b'{"function":"sleep","args":[0.1],"id":%d}\n' % i for i in range(20)))
+    conn.sock.shutdown(socket.SHUT_WR)
+    ids = sorted(conn.read_json()["id"] for _ in range(20))
+    assert ids == list(range(20))
+    assert conn.at_eof()
+
+
+def test_full_pool_applies_backpressure_and_drops_nothing(make_daemon, connect):
+    daemon = make_daemon(processes=1, concurrency=2)
+    conn = connect(daemon.port, timeout=20)
+    conn.send(b"".join(b'{"function":"sleep","args":[0.05],"id":%d}\n' % i for i in range(60)))
+    assert sorted(conn.read_json()["id"] for _ in range(60)) == list(range(60))
+
+
+def test_client_that_does_not_read_does_not_stall_others(make_daemon, connect):
+    daemon = make_daemon(processes=1)
+    greedy = connect(daemon.port)
+    big = b'{"function":"echo","args":["' + b"y" * 20000 + b'"],"id":1}\n'
+    greedy.sock.setblocking(False)
+    sent = 0
+    try:
+        for _ in range(3000):  # about 60 MB of replies that nobody reads
+            sent += greedy.sock.send(big)
+    except BlockingIOError:
+        pass
+    assert sent > len(big)
+    other = connect(daemon.port, timeout=10)
+    for i in range(20):
+        assert other.call({"function": "echo", "args": [i]})["result"] == [i]
+
+
+def test_client_that_disconnects_mid_task_does_not_hurt_the_process(daemon, connect):
+    for _ in range(20):
+        conn = connect(daemon.port)
+        conn.send(b'{"function":"sleep","args":[0.2],"id":1}\n')
+        # Linger 0: close with a reset, as a crashed client does.
+        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()
+    children = daemon.children()
+    assert connect(daemon.port).call({"function": "sleep", "args": [0.3]})["ok"]
+    assert daemon.children() == children
+
+
+def test_killed_child_is_replaced_and_serves_within_2s(daemon):
+    victim = daemon.children()[0]
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: victim not in daemon.children() and len(daemon.children()) == 2, 2,
+               "a new child")
+    with TaskClient([daemon.address], timeout=2) as client:
+        for _ in range(10):
+            assert client.call("echo", 1) == [1]
+    assert "starting a new one" in daemon.log()
+
+
+def test_sigterm_lets_fifty_tasks_finish_and_exits_0(daemon):
+    with TaskClient([daemon.address], timeout=20) as client:
+        handles = [client.submit("sleep", 1) for _ in range(50)]
+        wait_until(lambda: daemon.log().count("serving") == 2, 5, "workers")
+        threading.Event().wait(0.3)  # let the requests reach the workers
+        daemon.proc.send_signal(signal.SIGTERM)
+        assert [handle.get() for handle in handles] == [1] * 50
+    assert daemon.wait(15) == 0
+    assert "exits with status 0" in daemon.log()
+
+
+def test_new_requests_during_a_graceful_stop_get_shutting_down(daemon, connect):
+    conn = connect(daemon.port)
+    pid = conn.call({"function": "pid"})["result"]
+    conn.send_json({"function": "sleep", "args": [1], "id": "long"})
+    threading.Event().wait(0.2)
+    os.kill(pid, signal.SIGTERM)
+    threading.Event().wait(0.2)
+    reply = conn.call({"function": "echo", "id": "late"})
+    assert reply["error"]["type"] == "ShuttingDown"
+    assert conn.read_json() == {"id": "long", "ok": True, "result": 1}
+
+
+def test_sigint_stops_fast(daemon):
+    children = daemon.children()
+    daemon.proc.send_signal(signal.SIGINT)
+    assert daemon.wait(10) == 0
+    wait_until(lambda: not any(pid_alive(pid) for pid in children), 5, "children to exit")
+
+
+def test_children_exit_when_the_master_is_killed(daemon):
+    children = daemon.children()
+    daemon.proc.kill()
+    daemon.wait(5)
+    wait_until(lambda: not any(pid_alive(pid) for pid in children), 5, "orphans to exit")
+
+
+def test_port_in_use_is_a_clear_error_and_exit_2(daemon):
+    result = subprocess.run([PYTHON, "-m", "greentask.worker", "-c", str(daemon.config)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{daemon.port}: Address already in use" in result.stderr
+
+
+def test_task_module_that_does_not_import_stops_the_master_with_3(make_daemon):
+    daemon = make_daemon(start=False, tasks="no_such_task_module")
+    daemon.start(wait=False)
+    assert daemon.wait(20) == 3
+    assert "No module named 'no_such_task_module'" in daemon.log()
+    assert "could not start" in daemon.log()
