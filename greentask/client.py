@@ -46,6 +46,8 @@ log = logging.getLogger("greentask.client")
 DOWN_RETRY_DELAY = 1.0
 #: Longest reply line the client accepts (64 MiB).
 MAX_REPLY_LINE = 64 * 1024 * 1024
+#: Seconds a call waits past its own timeout for the server's Timeout reply.
+REPLY_MARGIN = 1.0
 #: Times one request may be sent (failover, ShuttingDown, retry=True) before it fails.
 MAX_ATTEMPTS = 5
 
@@ -78,10 +80,13 @@ class TaskHandle:
 
         Raises :class:`RemoteError` (or a subclass such as :class:`TaskError`)
         for an error reply, :class:`TaskTimeout` when nothing came within
-        ``timeout`` (default: the call's timeout), :class:`WorkerLost` or
+        ``timeout`` (default: the call's timeout, plus :data:`REPLY_MARGIN`),
+        :class:`WorkerLost` or
         :class:`ConnectionFailed`.
         """
-        wait = self.timeout if timeout is None else timeout
+        # By default wait a little past the timeout the server enforces, so its
+        # Timeout reply (which names the task's limit) arrives first.
+        wait = self.timeout + REPLY_MARGIN if timeout is None else timeout
         if not self._done.wait(wait):
             raise TaskTimeout(f"no reply to task {self.function!r} within {wait:g} s; the "
                               "server may still be running it")
@@ -320,7 +325,8 @@ class TaskClient:
     def _open_connection(self) -> list[str]:
         """Connect to the next server that is not marked down; return the errors met."""
         now = time.monotonic()
-        candidates = [self.servers[(next(self._server_turn) + i) % len(self.servers)]
+        turn = next(self._server_turn)
+        candidates = [self.servers[(turn + i) % len(self.servers)]
                       for i in range(len(self.servers))]
         up = [address for address in candidates if self._down_until.get(address, 0) <= now]
         errors = []

@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar, overload
 
+import greenlet
+
 from greentask.errors import BadArguments, UnknownFunction
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -122,11 +124,28 @@ def _describe(function: Callable[..., Any]) -> str:
 def progress(value: Any) -> None:
     """Send ``value`` (any JSON) as a progress line of the running task.
 
-    A no-op when the request did not ask for progress, or outside a task.
+    Works in the task's greenlet and in greenlets it spawns. A no-op when the
+    request did not ask for progress, or outside a task.
     """
-    sink = _progress_sink.get()
+    sink = _progress_sink.get() or _spawner_sink()
     if sink is not None:
         sink(value)
+
+
+def _spawner_sink() -> Callable[[Any], None] | None:
+    # A greenlet starts with an empty context, so one that a task spawned does
+    # not see the task's sink; gevent records who spawned each greenlet, so
+    # look the sink up in the spawners' contexts.
+    current = greenlet.getcurrent()
+    while True:
+        spawner_ref = getattr(current, "spawning_greenlet", None)
+        current = spawner_ref() if spawner_ref is not None else None
+        if current is None:
+            return None
+        context = current.gr_context
+        sink = context.get(_progress_sink) if context is not None else None
+        if sink is not None:
+            return sink
 
 
 @contextmanager

@@ -1,0 +1,138 @@
+"""TaskClient against real daemons: pipelining, failover, lost workers, plain servers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+
+import pytest
+
+from greentask import (
+    BadArguments,
+    ConnectionFailed,
+    TaskClient,
+    TaskError,
+    TaskTimeout,
+    UnknownFunction,
+    WorkerLost,
+)
+
+from .conftest import free_port, wait_until
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_call_returns_results_and_raises_remote_errors_as_their_class(daemon):
+    with TaskClient([daemon.address]) as client:
+        assert client.call("echo", 1, 2) == [1, 2]
+        assert client.call("echo", a=1) == {"a": 1}
+        assert client.apply("echo", {"timeout": 3}).get() == {"timeout": 3}
+        with pytest.raises(TaskError, match="RuntimeError: nope") as info:
+            client.call("fail", "nope")
+        assert (info.value.type, info.value.message) == ("TaskError", "RuntimeError: nope")
+        with pytest.raises(UnknownFunction):
+            client.call("missing")
+        with pytest.raises(BadArguments):
+            client.call("sleep")
+        with pytest.raises(TypeError, match="not both"):
+            client.submit("echo", 1, a=2)
+
+
+def test_timeouts_on_the_server_and_while_waiting(daemon):
+    with TaskClient([daemon.address]) as client:
+        with pytest.raises(TaskTimeout, match=r"ran longer than 0\.2 s"):
+            client.call("sleep", 5, timeout=0.2)
+        handle = client.submit("sleep", 1)
+        with pytest.raises(TaskTimeout, match=r"no reply to task .sleep. within 0\.1 s"):
+            handle.get(timeout=0.1)
+        assert handle.get(timeout=5) == 1
+
+
+def test_progress_callback(daemon):
+    seen = []
+    with TaskClient([daemon.address]) as client:
+        assert client.call("steps.count", 4, on_progress=seen.append) == 4
+    assert seen == [{"step": i} for i in range(1, 5)]
+
+
+def test_many_threads_share_the_connections(daemon):
+    results = {}
+    with TaskClient([daemon.address]) as client:
+        def work(n):
+            results[n] = [client.call("echo", n, i) for i in range(50)]
+        threads = [threading.Thread(target=work, args=(n,)) for n in range(20)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+    assert results == {n: [[n, i] for i in range(50)] for n in range(20)}
+
+
+def test_failover_to_the_second_server(daemon):
+    down = f"127.0.0.1:{free_port()}"
+    with TaskClient([down, daemon.address]) as client:
+        for _ in range(10):
+            assert client.call("echo", "ok") == ["ok"]
+
+
+def test_no_server_up_is_connection_failed():
+    ports = [free_port(), free_port()]
+    with TaskClient([f"127.0.0.1:{p}" for p in ports]) as client:
+        with pytest.raises(ConnectionFailed, match="cannot connect to any task server") as info:
+            client.call("echo")
+    assert all(str(p) in str(info.value) for p in ports)
+
+
+def test_worker_lost_when_the_child_dies_mid_task_and_retry_resends(daemon):
+    with TaskClient([daemon.address], connections_per_server=1) as client:
+        pid = client.call("pid")
+        handle = client.submit("sleep", 5)
+        threading.Event().wait(0.3)
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(WorkerLost, match="retry=True"):
+            handle.get(timeout=10)
+    with TaskClient([daemon.address], connections_per_server=1) as client:
+        pid = client.call("pid")
+        handle = client.submit("sleep", 0.5, retry=True)
+        threading.Event().wait(0.2)
+        os.kill(pid, signal.SIGKILL)
+        assert handle.get(timeout=10) == 0.5
+        assert handle.attempts == 2
+
+
+def test_shutting_down_reply_is_sent_again_elsewhere(daemon):
+    with TaskClient([daemon.address], connections_per_server=1) as client:
+        pid = client.call("pid")
+        busy = client.submit("sleep", 1)
+        threading.Event().wait(0.2)
+        os.kill(pid, signal.SIGTERM)
+        threading.Event().wait(0.2)
+        again = client.submit("pid")
+        assert again.get(timeout=10) != pid
+        assert busy.get(timeout=10) == 1
+        wait_until(lambda: len(daemon.children()) == 2 and pid not in daemon.children(), 5,
+                   "the drained child to be replaced")
+
+
+def serve_plain_text_task_server(listener: socket.socket) -> None:
+    """A Workerman-style Text protocol server: answers each line with bare JSON, no id."""
+    conn, _ = listener.accept()
+    with conn, conn.makefile("rwb") as stream:
+        for _line in stream:
+            stream.write(b'{"status": "sent"}\n')
+            stream.flush()
+
+
+def test_works_against_a_plain_text_task_server():
+    listener = socket.create_server(("127.0.0.1", 0))
+    thread = threading.Thread(target=serve_plain_text_task_server, args=(listener,),
+                              daemon=True)
+    thread.start()
+    port = listener.getsockname()[1]
+    with TaskClient([f"127.0.0.1:{port}"], connections_per_server=1) as client:
+        assert client.call("send_mail", to="a@example.org") == {"status": "sent"}
+        assert client.call("send_mail", to="b@example.org") == {"status": "sent"}
+    thread.join(5)
+    listener.close()
