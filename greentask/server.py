@@ -3,17 +3,17 @@
 Theory of operation
 -------------------
 Each accepted connection gets a reader greenlet (the ``StreamServer``
-handler) and a writer greenlet. The reader feeds received bytes to the
-protocol's :class:`LineDecoder`, answers bad lines at once and starts each
-valid request as a greenlet in the process-wide task pool. A full pool blocks
-the reader, so the peer's requests wait in TCP buffers (backpressure) instead
-of being dropped. A request without an ``id`` is awaited before the next line
-is read, so such callers get their replies in order.
+handler). It feeds received bytes to the protocol's :class:`LineDecoder`,
+answers bad lines at once and runs each valid request in one of the process's
+``concurrency`` task slots: a request with an ``id`` in a new greenlet, one
+without an ``id`` in the reader itself, so it is answered before the next line
+is read. When every slot is busy the reader waits, so the peer's requests wait
+in TCP buffers (backpressure) instead of being dropped.
 
-Task greenlets never write to the socket: they put their reply in the
-connection's outbox and the writer sends everything queued in one ``sendall``.
-A peer that does not read its replies therefore blocks only its own writer;
-when its outbox passes :data:`OUTBOX_HIGH_WATER` its reader stops reading.
+Task greenlets never block on the socket: they queue their reply in the
+connection's :class:`ReplyWriter`, which sends what one loop turn queued in
+one write. A peer that does not read its replies blocks only its own writer;
+when its queue passes :data:`OUTBOX_HIGH_WATER` its reader stops reading.
 
 On SIGTERM the process stops accepting, answers new requests with
 ``ShuttingDown``, lets in-flight tasks finish within ``graceful_timeout``,
@@ -34,8 +34,9 @@ from collections.abc import Callable
 from typing import Any
 
 import gevent
+import greenlet
 from gevent.event import Event
-from gevent.pool import Pool
+from gevent.lock import Semaphore
 from gevent.server import StreamServer
 
 from greentask.config import Config
@@ -59,8 +60,107 @@ RECV_SIZE = 64 * 1024
 OUTBOX_HIGH_WATER = 4 * 1024 * 1024
 #: How long a connection closed for a too-long line keeps discarding input (seconds).
 LINGER_SECONDS = 2.0
+#: Idle task greenlets kept for reuse (each holds about 20 KiB).
+MAX_IDLE_RUNNERS = 128
 #: How often the worker checks that its master is still alive (seconds).
 PARENT_CHECK_INTERVAL = 1.0
+
+
+class ReplyWriter:
+    """The outbound half of a connection: queue reply lines, send them in batches.
+
+    Replies queued during one turn of the event loop go out in one
+    non-blocking write at the end of that turn (a loop callback, no greenlet
+    switch). What the socket does not take is sent by a writer greenlet,
+    started only then, which waits for the peer to read.
+    """
+
+    def __init__(self, sock: socket.socket, on_drop: Callable[[int], None]) -> None:
+        self.sock = sock
+        self.broken = False
+        #: Unsent bytes; the reader stops reading above OUTBOX_HIGH_WATER.
+        self.size = 0
+        #: Set while the peer can take more replies (size under the high water).
+        self.writable = Event()
+        self.writable.set()
+        self._fd = sock.fileno()
+        self._on_drop = on_drop
+        self._outbox: list[bytes] = []
+        self._flush_scheduled = False
+        self._writer: gevent.Greenlet | None = None
+        self._loop = gevent.get_hub().loop
+        self._flushed = Event()
+        self._flushed.set()
+
+    def send(self, data: bytes) -> None:
+        """Queue ``data``; dropped (and counted) once the peer is gone."""
+        if self.broken:
+            self._on_drop(data.count(b"\n"))
+            return
+        self._outbox.append(data)
+        self.size += len(data)
+        self._flushed.clear()
+        if self.size > OUTBOX_HIGH_WATER:
+            self.writable.clear()
+        if not self._flush_scheduled and self._writer is None:
+            self._flush_scheduled = True
+            self._loop.run_callback(self._flush_without_blocking)
+
+    def wait_flushed(self) -> None:
+        """Block until everything queued is sent (or the peer is gone)."""
+        self._flushed.wait()
+
+    def _take(self) -> bytes:
+        data = b"".join(self._outbox) if len(self._outbox) > 1 else self._outbox[0]
+        self._outbox = []
+        self.size = 0
+        return data
+
+    def _flush_without_blocking(self) -> None:
+        # Runs in the hub: it must not block or raise.
+        self._flush_scheduled = False
+        if not self._outbox or self._writer is not None:
+            return
+        data = self._take()
+        try:
+            sent = os.write(self._fd, data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self._fail(data, exc)
+            return
+        if sent < len(data):
+            self._outbox.insert(0, data[sent:])
+            self.size += len(data) - sent
+            self._writer = gevent.spawn(self._write_loop)
+            return
+        self._sent()
+
+    def _write_loop(self) -> None:
+        while self._outbox:
+            data = self._take()
+            try:
+                self.sock.sendall(data)
+            except OSError as exc:
+                self._fail(data, exc)
+                break
+            self._sent()
+        self._writer = None
+
+    def _sent(self) -> None:
+        if self.size <= OUTBOX_HIGH_WATER:
+            self.writable.set()
+        if not self._outbox:
+            self._flushed.set()
+
+    def _fail(self, data: bytes, exc: OSError) -> None:
+        self.broken = True
+        self._on_drop(data.count(b"\n") + sum(d.count(b"\n") for d in self._outbox))
+        self._outbox = []
+        self.size = 0
+        self.writable.set()
+        self._flushed.set()
+        log.debug("peer went away, replies dropped: %s", exc)
 
 
 class Connection:
@@ -70,28 +170,20 @@ class Connection:
         self.worker = worker
         self.sock = sock
         self.decoder = LineDecoder(worker.config.worker.max_line)
+        self.writer = ReplyWriter(sock, worker.count_dropped)
+        self.send = self.writer.send
         self.inflight = 0
         self._idle = Event()
         self._idle.set()
-        self._outbox: list[bytes] = []
-        self._outbox_size = 0
-        self._wake_writer = Event()
-        self._writable = Event()
-        self._writable.set()
-        self._reading_done = False
-        self._broken = False
 
     def serve(self) -> None:
         """Run until the peer closes (or half-closes) and every reply is sent."""
-        writer = gevent.spawn(self._write_loop)
         try:
             self._read_loop()
         finally:
             # A peer that half-closed after sending still gets its replies.
             self._idle.wait()
-            self._reading_done = True
-            self._wake_writer.set()
-            writer.join()
+            self.writer.wait_flushed()
             if self.decoder.too_large:
                 self._linger()
 
@@ -115,8 +207,9 @@ class Connection:
             pass
 
     def _read_loop(self) -> None:
-        while not self._broken:
-            self._writable.wait()
+        writable = self.writer.writable
+        while not self.writer.broken:
+            writable.wait()
             try:
                 data = self.sock.recv(RECV_SIZE)
             except OSError:
@@ -147,9 +240,11 @@ class Connection:
             return
         self.inflight += 1
         self._idle.clear()
-        greenlet = self.worker.pool.spawn(self._run_task, request, function)
         if request.id is None:
-            greenlet.join()
+            # Answered before the next line is read anyway: run it right here.
+            self.worker.run_in_slot(self._run_task, request, function)
+        else:
+            self.worker.spawn_in_slot(self._run_task, request, function)
 
     def _run_task(self, request: Request, function: Callable[..., Any]) -> None:
         try:
@@ -164,43 +259,6 @@ class Connection:
             return None
         return lambda value: self.send(encode_progress(request.id, value))
 
-    def send(self, data: bytes) -> None:
-        """Queue ``data`` for the writer; dropped (and counted) once the peer is gone."""
-        if self._broken:
-            self.worker.replies_dropped += 1
-            return
-        self._outbox.append(data)
-        self._outbox_size += len(data)
-        self._wake_writer.set()
-        if self._outbox_size > OUTBOX_HIGH_WATER:
-            self._writable.clear()
-
-    def _write_loop(self) -> None:
-        while True:
-            self._wake_writer.wait()
-            self._wake_writer.clear()
-            if self._outbox and not self._flush():
-                return
-            if self._reading_done and not self._outbox:
-                return
-
-    def _flush(self) -> bool:
-        """Send everything queued; False when the peer is gone."""
-        data = b"".join(self._outbox) if len(self._outbox) > 1 else self._outbox[0]
-        self._outbox = []
-        self._outbox_size = 0
-        try:
-            self.sock.sendall(data)
-        except OSError as exc:
-            self._broken = True
-            self._writable.set()
-            self.worker.replies_dropped += data.count(b"\n")
-            log.debug("peer went away, replies dropped: %s", exc)
-            return False
-        if self._outbox_size <= OUTBOX_HIGH_WATER:
-            self._writable.set()
-        return True
-
 
 class Worker:
     """A worker process's server: the shared listener, the task pool, the drain."""
@@ -210,7 +268,14 @@ class Worker:
         self.config = config
         self.registry = registry
         self.master_pid = master_pid
-        self.pool = Pool(config.worker.concurrency)
+        #: One slot per task that may run at once; a reader that cannot get
+        #: one stops reading (backpressure).
+        self.slots = Semaphore(config.worker.concurrency)
+        self.tasks: set[greenlet.greenlet] = set()
+        self._idle_runners: list[greenlet.greenlet] = []
+        self._loop = gevent.get_hub().loop
+        self._no_tasks = Event()
+        self._no_tasks.set()
         self.server = StreamServer(listener, self.handle_connection)
         # Several processes share this listener: take one connection per wake-up
         # so a busy process does not grab a burst that idle siblings could serve.
@@ -230,6 +295,48 @@ class Worker:
         finally:
             self.connections.discard(connection)
 
+    def count_dropped(self, replies: int) -> None:
+        """Count replies whose peer was gone."""
+        self.replies_dropped += replies
+
+    def run_in_slot(self, function: Callable[..., None], *args: Any) -> None:
+        """Run ``function`` in this greenlet once a task slot is free."""
+        self.slots.acquire()
+        self._run_slot(function, args)
+
+    def spawn_in_slot(self, function: Callable[..., None], *args: Any) -> None:
+        """Start ``function`` in its own greenlet once a task slot is free."""
+        self.slots.acquire()
+        if self._idle_runners:
+            runner = self._idle_runners.pop()
+            self._loop.run_callback(runner.switch, function, args)
+        else:
+            gevent.spawn_raw(self._run_jobs, function, args)
+
+    def _run_jobs(self, function: Callable[..., None], args: tuple[Any, ...]) -> None:
+        # A runner greenlet is reused for many tasks: a new greenlet costs an
+        # mmap and munmap of its frame stack on CPython 3.11+, per task.
+        runner = greenlet.getcurrent()
+        hub = gevent.get_hub()
+        while True:
+            self._run_slot(function, args)
+            if len(self._idle_runners) >= MAX_IDLE_RUNNERS:
+                return
+            self._idle_runners.append(runner)
+            function, args = hub.switch()
+
+    def _run_slot(self, function: Callable[..., None], args: tuple[Any, ...]) -> None:
+        current = greenlet.getcurrent()
+        self.tasks.add(current)
+        self._no_tasks.clear()
+        try:
+            function(*args)
+        finally:
+            self.tasks.discard(current)
+            self.slots.release()
+            if not self.tasks:
+                self._no_tasks.set()
+
     def run_task(self, request: Request, function: Callable[..., Any],
                  sink: Callable[[Any], None] | None) -> bytes:
         """Run one task; return its final reply line."""
@@ -239,8 +346,11 @@ class Worker:
         timeout = gevent.Timeout(seconds)
         timeout.start()
         try:
-            with progress_sink(sink):
+            if sink is None:
                 result = call_task(function, request.args)
+            else:
+                with progress_sink(sink):
+                    result = call_task(function, request.args)
         except gevent.Timeout as exc:
             if exc is not timeout:
                 raise
@@ -297,12 +407,15 @@ class Worker:
     def _drain(self) -> None:
         self.server.close()
         grace = self.config.worker.graceful_timeout
-        log.info("worker %d draining %d task(s), up to %g s", os.getpid(), len(self.pool),
+        log.info("worker %d draining %d task(s), up to %g s", os.getpid(), len(self.tasks),
                  grace)
-        if not self.pool.join(timeout=grace):
+        if not self._no_tasks.wait(timeout=grace):
             log.warning("worker %d: %d task(s) still running after %g s; killing them",
-                        os.getpid(), len(self.pool), grace)
-            self.pool.kill(block=False)
+                        os.getpid(), len(self.tasks), grace)
+            for task_greenlet in list(self.tasks):
+                gevent.kill(task_greenlet)
+        for runner in self._idle_runners:
+            gevent.kill(runner)
         for connection in list(self.connections):
             connection.stop_reading()
         self.server.stop(timeout=1.0)

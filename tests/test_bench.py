@@ -1,0 +1,30 @@
+"""scripts/bench runs end to end (its figures are read by people, not asserted)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import ROOT
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def test_bench_prints_a_row_per_scenario_without_errors():
+    result = subprocess.run(
+        [sys.executable, "scripts/bench", "--seconds", "0.5", "--runs", "1",
+         "--concurrency", "4"],
+        cwd=ROOT, capture_output=True, text=True, timeout=150)
+    assert result.returncode == 0, result.stderr
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines()
+            if line.startswith("| echo") or line.startswith("| sleep")]
+    assert [(cells[0].strip(), cells[1].strip()) for cells in rows] == [
+        ("echo, persistent, C=4", "reference"), ("echo, persistent, C=4", "greentask"),
+        ("echo, connect per task, C=64", "reference"),
+        ("echo, connect per task, C=64", "greentask"),
+        ("sleep(0.01), persistent, C=1000", "greentask")]
+    for cells in rows:
+        assert int(cells[2].replace(",", "")) > 0  # tasks/s
+        assert cells[7].strip() == "0"  # errors
