@@ -119,8 +119,8 @@ class Arbiter:
             log.error("%s", exc)
             return EXIT_CONFIG
         host, port = self.listener.getsockname()[:2]
-        log.info("master %d listening at %s:%d with %d worker processes", os.getpid(), host,
-                 port, self.config.worker.processes)
+        log.info("%s master %d listening at %s:%d with %d worker processes",
+                 self.config.worker.name, os.getpid(), host, port, self.config.worker.processes)
         self._install_signals()
         try:
             while self.workers or not self.stopping:

@@ -14,8 +14,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar, overload
 
-import greenlet
-
 from greentask.errors import BadArguments, UnknownFunction
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -135,7 +133,10 @@ def progress(value: Any) -> None:
 def _spawner_sink() -> Callable[[Any], None] | None:
     # A greenlet starts with an empty context, so one that a task spawned does
     # not see the task's sink; gevent records who spawned each greenlet, so
-    # look the sink up in the spawners' contexts.
+    # look the sink up in the spawners' contexts. (Imported here: the master
+    # must not load greenlet or gevent before it forks.)
+    import greenlet
+
     current = greenlet.getcurrent()
     while True:
         spawner_ref = getattr(current, "spawning_greenlet", None)

@@ -386,7 +386,7 @@ class Worker:
         gevent.signal_handler(signal.SIGQUIT, self.stop_now)
         self.server.start()
         watcher = gevent.spawn(self._watch_master)
-        log.info("worker %d serving", os.getpid())
+        log.info("%s worker %d serving", self.config.worker.name, os.getpid())
         self._stopped.wait()
         watcher.kill()
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -136,3 +138,22 @@ def test_works_against_a_plain_text_task_server():
         assert client.call("send_mail", to="b@example.org") == {"status": "sent"}
     thread.join(5)
     listener.close()
+
+
+GREENLET_CALLER = """
+from gevent import monkey
+monkey.patch_all()
+import sys, gevent
+from greentask import TaskClient
+client = TaskClient([sys.argv[1]])
+jobs = [gevent.spawn(client.call, "sleep", 0.2) for _ in range(200)]
+gevent.joinall(jobs, timeout=20, raise_error=True)
+print(sum(job.value for job in jobs))
+"""
+
+
+def test_works_from_greenlets_in_a_monkey_patched_process(daemon):
+    result = subprocess.run([sys.executable, "-c", GREENLET_CALLER, daemon.address],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert float(result.stdout) == pytest.approx(40.0)

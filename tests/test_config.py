@@ -115,3 +115,12 @@ def test_check_reports_a_task_module_that_does_not_import(tmp_path):
                             env={**os.environ, "GREENTASK_WORKER_TASKS": "no_such_module"})
     assert result.returncode == 3
     assert "No module named 'no_such_module'" in result.stderr
+
+
+def test_the_master_imports_no_gevent_before_forking():
+    code = ("import sys, greentask, greentask.worker, greentask.arbiter, greentask.cli; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('gevent', 'greenlet')))")
+    result = subprocess.run([PYTHON, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -202,3 +202,34 @@ def test_plain_text_server_replies_are_results():
     assert parse_reply(b'{"status": "sent"}').value == {"status": "sent"}
     assert parse_reply(b'"task done"').value == "task done"
     assert parse_reply(b"not json at all").value == "not json at all"
+
+
+def outcome(line: bytes) -> object:
+    try:
+        return parse_request(line)
+    except BadRequest as exc:
+        return ("BadRequest", exc.message, exc.request_id)
+
+
+CORPUS = [
+    b'{"function":"echo","args":{"x":1},"id":1}', b"not json", b"[1, 2]", b'"echo"', b"{}",
+    b'{"function": 3, "id": "a"}', b'{"function": "x", "args": 3}', b'{"function":"\xff"}',
+    b'{"function": "x", "timeout": -1, "id": 9}', b'{"function":"s","progress":true,"id":2}',
+    b"\x00\x01\x02", b'{"function":"x","args":[' + b"9" * 300 + b"]}", b"[" * 2000,
+    b'{"function":"x","args":["\xc3\xa9"]}',
+]
+
+
+def test_every_request_kind_decodes_the_same_whole_bytewise_and_in_random_chunks():
+    stream = b"\r\n".join(CORPUS) + b"\n"
+    expected = [outcome(line) for line in LineDecoder().feed(stream)]
+    assert len(expected) == len(CORPUS)
+    assert sum(isinstance(item, Request) for item in expected) == 4
+    bytewise = LineDecoder()
+    assert [outcome(line) for line in feed_in_chunks(bytewise, stream, [1] * len(stream))] \
+        == expected
+    rng = random.Random(11)
+    for _ in range(50):
+        sizes = [rng.randint(1, 64) for _ in range(rng.randint(1, 40))]
+        lines = feed_in_chunks(LineDecoder(), stream, sizes)
+        assert [outcome(line) for line in lines] == expected
