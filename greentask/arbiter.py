@@ -2,60 +2,72 @@
 
 Theory of operation
 -------------------
-The master binds the task port with the plain ``socket`` module, then forks
-``processes`` children that all serve that one listener. It never starts a
-gevent hub: each child monkey-patches, wraps the inherited descriptor as a
-gevent socket, imports the task modules and serves (:func:`run_worker`).
+The master binds the task port with the plain ``socket`` module, maps the
+shared :class:`~greentask.scoreboard.Scoreboard`, then forks ``processes``
+children that all serve that one listener (:func:`greentask.child.run_worker`).
+It never starts a gevent hub and never imports task modules, so every child,
+and every reload, imports task code afresh.
 
 Signal handlers only queue the signal and wake the main loop through a pipe.
 Each pass of the loop dispatches the queued signals to ``handle_<name>``,
-reaps dead children, and then either starts children up to ``processes``
-(running) or kills those past their deadline (stopping).
+reaps dead children, kills children whose heartbeat stopped, and then either
+manages the children (running) or kills those past their deadline (stopping).
+
+Children belong to a *generation*. A reload (HUP) starts a new generation;
+an old child, or one that asks to be recycled, is retired (SIGTERM: it drains
+its in-flight tasks) only while enough newer children are ready to keep
+``processes`` serving. The listener never closes, so no connection is refused.
 
 Signals follow gunicorn, as supervisord, systemd and Docker expect: TERM stops
-gracefully (children drain in-flight tasks within ``graceful_timeout``), INT
-and QUIT stop fast. A second TERM during a graceful stop turns it fast.
+gracefully, INT and QUIT stop fast, HUP reloads, TTIN/TTOU add or remove a
+child. A second TERM during a graceful stop turns it fast.
 """
 
 from __future__ import annotations
 
 import errno
-import importlib
 import logging
 import os
 import select
 import signal
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from greentask.config import Config, set_current
-from greentask.errors import GreentaskError
+from greentask import scoreboard
+from greentask.child import EXIT_BOOT_ERROR, EXIT_OK, run_worker, set_process_title
+from greentask.config import Config
+from greentask.errors import ConfigError, GreentaskError
 
 log = logging.getLogger("greentask.master")
 
-#: Exit status: stopped as asked.
-EXIT_OK = 0
 #: Exit status: the config, a flag or the address is wrong (argparse uses 2 too).
 EXIT_CONFIG = 2
-#: Exit status: workers cannot start (a task module does not import).
-EXIT_BOOT_ERROR = 3
 
 #: Listen backlog: connections the kernel queues while every worker is busy.
 LISTEN_BACKLOG = 2048
 #: Longest pause of the main loop when nothing wakes it (seconds).
-LOOP_INTERVAL = 1.0
+LOOP_INTERVAL = 0.5
 #: How long after its deadline a child may take to exit before SIGKILL (seconds).
 KILL_MARGIN = 2.0
 #: How long children get to exit on a fast stop (seconds).
 FAST_STOP_TIMEOUT = 2.0
+#: After SIGABRT, how long a hung child gets to dump its traceback before SIGKILL.
+ABORT_GRACE = 1.0
 #: A child that dies younger than this counts as a failed start (seconds).
 YOUNG_DEATH = 1.0
 #: Longest wait before restarting a child that keeps dying young (seconds).
 MAX_RESPAWN_DELAY = 5.0
+#: Worker slots in the scoreboard: the most children alive at once, old and new.
+SCOREBOARD_SLOTS = 1024
 
 _SIGNAL_NAMES = {signal.SIGTERM: "term", signal.SIGINT: "int", signal.SIGQUIT: "quit",
-                 signal.SIGCHLD: "chld"}
+                 signal.SIGCHLD: "chld", signal.SIGHUP: "hup", signal.SIGTTIN: "ttin",
+                 signal.SIGTTOU: "ttou"}
+
+__all__ = ["EXIT_BOOT_ERROR", "EXIT_CONFIG", "EXIT_OK", "Arbiter", "BindError",
+           "bind_listener"]
 
 
 class BindError(GreentaskError):
@@ -89,22 +101,40 @@ class WorkerProcess:
     """What the master knows about one child."""
 
     pid: int
+    slot: int
+    generation: int
+    number: int
     started_at: float
+    #: When SIGTERM was sent to retire it (it drains, then exits).
+    retired_at: float | None = None
+    #: When the watchdog sent SIGABRT.
+    aborted_at: float | None = None
 
 
 class Arbiter:
-    """The master: owns the listener and the children."""
+    """The master: owns the listener, the scoreboard and the children.
 
-    def __init__(self, config: Config) -> None:
+    ``reload_config`` re-reads the settings for a HUP (the worker passes one
+    that applies the same file and flags as at start).
+    """
+
+    def __init__(self, config: Config,
+                 reload_config: Callable[[], Config] | None = None) -> None:
         self.config = config
+        self.processes = config.worker.processes
+        self.generation = 1
         self.listener: socket.socket | None = None
+        self.board = scoreboard.Scoreboard(SCOREBOARD_SLOTS)
         self.workers: dict[int, WorkerProcess] = {}
         self.exit_code = EXIT_OK
+        self._reload_config = reload_config
+        self._before_reload: tuple[Config, int, int] | None = None
         self._signals: list[int] = []
         self._wakeup_r = self._wakeup_w = -1
         self._stop_deadline: float | None = None
         self._young_deaths = 0
         self._respawn_at = 0.0
+        self._numbers = 0
 
     @property
     def stopping(self) -> bool:
@@ -119,8 +149,9 @@ class Arbiter:
             log.error("%s", exc)
             return EXIT_CONFIG
         host, port = self.listener.getsockname()[:2]
+        set_process_title(f"greentask master [{self.config.worker.name}]")
         log.info("%s master %d listening at %s:%d with %d worker processes",
-                 self.config.worker.name, os.getpid(), host, port, self.config.worker.processes)
+                 self.config.worker.name, os.getpid(), host, port, self.processes)
         self._install_signals()
         try:
             while self.workers or not self.stopping:
@@ -129,12 +160,14 @@ class Arbiter:
                 self._sleep()
                 self._dispatch_signals()
                 self.reap_workers()
-                if self.stopping:
-                    self.murder_workers()
+                self.watch_heartbeats()
+                self.murder_workers()
         finally:
             self.listener.close()
         log.info("master %d exits with status %d", os.getpid(), self.exit_code)
         return self.exit_code
+
+    # -- signals -----------------------------------------------------------
 
     def _install_signals(self) -> None:
         self._wakeup_r, self._wakeup_w = os.pipe()
@@ -186,13 +219,50 @@ class Arbiter:
     def handle_chld(self) -> None:
         """A child changed state: the loop reaps it next."""
 
+    def handle_hup(self) -> None:
+        """Reload: re-read the config and replace every child with a new generation."""
+        if self.stopping:
+            return
+        try:
+            config = self._reload_config() if self._reload_config else self.config
+        except ConfigError as exc:
+            log.error("SIGHUP: reload refused, the running workers keep serving: %s", exc)
+            return
+        if config.worker.bind != self.config.worker.bind:
+            log.warning("SIGHUP: [worker] bind changed; the listener stays at %s:%d until a "
+                        "restart", *self.config.worker.bind)
+            config.worker.bind = self.config.worker.bind
+        self._before_reload = (self.config, self.generation, self.processes)
+        self.config = config
+        self.processes = config.worker.processes
+        self.generation += 1
+        logging.getLogger().setLevel(config.worker.loglevel)
+        log.info("SIGHUP: reloading: starting generation %d (%d workers)", self.generation,
+                 self.processes)
+
+    def handle_ttin(self) -> None:
+        """One more child."""
+        self.processes += 1
+        log.info("SIGTTIN: %d worker processes", self.processes)
+
+    def handle_ttou(self) -> None:
+        """One child fewer (never fewer than one)."""
+        self.processes = max(1, self.processes - 1)
+        log.info("SIGTTOU: %d worker processes", self.processes)
+
     def signal_workers(self, signum: int) -> None:
         """Send ``signum`` to every child."""
         for pid in list(self.workers):
-            try:
-                os.kill(pid, signum)
-            except ProcessLookupError:
-                pass
+            self._kill(pid, signum)
+
+    @staticmethod
+    def _kill(pid: int, signum: int) -> None:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+    # -- children ----------------------------------------------------------
 
     def reap_workers(self) -> None:
         """Collect dead children; stop everything if they cannot start."""
@@ -206,19 +276,16 @@ class Arbiter:
             worker = self.workers.pop(pid, None)
             if worker is None:
                 continue
-            code = os.waitstatus_to_exitcode(status)
-            self._note_death(worker, code)
+            self.board.release(worker.slot)
+            self._note_death(worker, os.waitstatus_to_exitcode(status))
 
     def _note_death(self, worker: WorkerProcess, code: int) -> None:
         how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
-        if self.stopping:
+        if self.stopping or worker.retired_at is not None:
             log.info("worker %d %s", worker.pid, how)
             return
         if code == EXIT_BOOT_ERROR:
-            log.error("worker %d could not start (see its error above); stopping. Fix the "
-                      "[worker] tasks modules, then start again", worker.pid)
-            self.exit_code = EXIT_BOOT_ERROR
-            self.handle_quit()
+            self._handle_boot_error(worker)
             return
         log.warning("worker %d %s; starting a new one", worker.pid, how)
         if time.monotonic() - worker.started_at < YOUNG_DEATH:
@@ -228,33 +295,105 @@ class Arbiter:
         else:
             self._young_deaths = 0
 
-    def manage_workers(self) -> None:
-        """Start children until there are ``processes`` of them."""
-        if time.monotonic() < self._respawn_at:
+    def _handle_boot_error(self, worker: WorkerProcess) -> None:
+        older = [w for w in self.workers.values() if w.generation < worker.generation]
+        if older and self._before_reload is not None:
+            # The new code does not import: go on with the generation that works.
+            self.config, self.generation, self.processes = self._before_reload
+            self._before_reload = None
+            log.error("reload failed: worker %d of the new generation could not start (see "
+                      "its error above); generation %d keeps serving. Fix the [worker] tasks "
+                      "modules, then reload again", worker.pid, self.generation)
+            for other in list(self.workers.values()):
+                if other.generation > self.generation:
+                    self.retire(other)
             return
-        while len(self.workers) < self.config.worker.processes:
-            self.spawn_worker()
+        log.error("worker %d could not start (see its error above); stopping. Fix the "
+                  "[worker] tasks modules, then start again", worker.pid)
+        self.exit_code = EXIT_BOOT_ERROR
+        self.handle_quit()
+
+    def _is_outgoing(self, worker: WorkerProcess) -> bool:
+        """True for a child of an older generation, or one that asked to be recycled."""
+        return worker.generation != self.generation or \
+            self.board.slot(worker.slot).state == scoreboard.RECYCLE
+
+    def manage_workers(self) -> None:
+        """Start, scale and retire children so ``processes`` of the newest serve."""
+        active = [w for w in self.workers.values() if w.retired_at is None]
+        current = [w for w in active if not self._is_outgoing(w)]
+        # Scale down: retire the children that are least ready, newest first.
+        current.sort(key=lambda w: (self.board.slot(w.slot).state == scoreboard.READY,
+                                    -w.started_at), reverse=True)
+        for extra in current[self.processes:]:
+            self.retire(extra)
+        if time.monotonic() >= self._respawn_at:
+            for _ in range(self.processes - len(current)):
+                self.spawn_worker()
+        ready = sum(self.board.slot(w.slot).state == scoreboard.READY
+                    for w in current[:self.processes])
+        outgoing = sorted((w for w in active if self._is_outgoing(w)),
+                          key=lambda w: w.started_at)
+        # Retire an outgoing child only while ready children would still
+        # number at least `processes` without it.
+        while outgoing and ready + len(outgoing) - 1 >= self.processes:
+            self.retire(outgoing.pop(0))
+        if not outgoing:
+            self._before_reload = None
+
+    def retire(self, worker: WorkerProcess) -> None:
+        """Tell a child to drain and exit."""
+        worker.retired_at = time.monotonic()
+        log.info("retiring worker %d (generation %d)", worker.pid, worker.generation)
+        self._kill(worker.pid, signal.SIGTERM)
+
+    def watch_heartbeats(self) -> None:
+        """Kill children whose event loop has stopped running (SIGABRT, then SIGKILL)."""
+        now = time.monotonic()
+        limit = self.config.worker.heartbeat_timeout
+        for worker in list(self.workers.values()):
+            if worker.aborted_at is not None:
+                if now - worker.aborted_at > ABORT_GRACE:
+                    self._kill(worker.pid, signal.SIGKILL)
+                continue
+            silent = now - self.board.slot(worker.slot).get(scoreboard.HEARTBEAT)
+            if silent > limit:
+                log.error("worker %d: its event loop has been blocked for %.1f s (more than "
+                          "heartbeat_timeout = %g s), so a task is computing without yielding;"
+                          " killing it (its traceback follows)", worker.pid, silent, limit)
+                worker.aborted_at = now
+                self._kill(worker.pid, signal.SIGABRT)
 
     def murder_workers(self) -> None:
-        """SIGKILL children still alive past the stop deadline."""
-        if self._stop_deadline is not None and time.monotonic() > self._stop_deadline:
-            for pid in list(self.workers):
-                log.warning("worker %d did not exit in time; killing it", pid)
-            self.signal_workers(signal.SIGKILL)
-            self._stop_deadline = time.monotonic() + LOOP_INTERVAL
+        """SIGKILL children still alive past their deadline."""
+        now = time.monotonic()
+        grace = self.config.worker.graceful_timeout + KILL_MARGIN
+        for worker in list(self.workers.values()):
+            overdue = (self._stop_deadline is not None and now > self._stop_deadline) or \
+                (worker.retired_at is not None and now - worker.retired_at > grace)
+            if overdue:
+                log.warning("worker %d did not exit in time; killing it", worker.pid)
+                self._kill(worker.pid, signal.SIGKILL)
+        if self._stop_deadline is not None and now > self._stop_deadline:
+            self._stop_deadline = now + LOOP_INTERVAL
 
     def spawn_worker(self) -> None:
         """Fork one child; in the child, serve and never return."""
         master_pid = os.getpid()
+        slot = self.board.claim(self.generation)
+        self._numbers += 1
         pid = os.fork()
         if pid:
-            self.workers[pid] = WorkerProcess(pid, time.monotonic())
+            self.board.slot(slot).set(scoreboard.PID, pid)
+            self.workers[pid] = WorkerProcess(pid, slot, self.generation, self._numbers,
+                                              time.monotonic())
             log.debug("started worker %d", pid)
             return
         code = EXIT_BOOT_ERROR
         try:
             self._reset_in_child()
-            code = run_worker(self.listener, self.config, master_pid)
+            code = run_worker(self.listener, self.config, master_pid, self._numbers, slot,
+                              self.board)
         except BaseException:
             log.exception("worker %d failed", os.getpid())
         finally:
@@ -267,33 +406,3 @@ class Arbiter:
             signal.signal(signum, signal.SIG_DFL)
         os.close(self._wakeup_r)
         os.close(self._wakeup_w)
-
-
-def import_task_modules(modules: list[str]) -> None:
-    """Import each task module, so its ``@task`` functions register."""
-    for name in modules:
-        importlib.import_module(name)
-
-
-def run_worker(listener: socket.socket, config: Config, master_pid: int) -> int:
-    """A child's life: patch, import the tasks, serve; return the exit status."""
-    from gevent import monkey
-    monkey.patch_all()
-    import gevent.socket
-
-    from greentask.registry import default_registry
-    from greentask.server import Worker
-
-    set_current(config)
-    try:
-        import_task_modules(config.worker.tasks)
-    except Exception as exc:
-        log.error("worker %d cannot import task module: %s: %s", os.getpid(),
-                  type(exc).__name__, exc, exc_info=True)
-        return EXIT_BOOT_ERROR
-    # A socket made before monkey-patching is not a gevent socket; serving it
-    # as-is accepts nothing, so re-wrap its descriptor (as gunicorn's gevent
-    # worker does).
-    gevent_listener = gevent.socket.socket(fileno=listener.detach())
-    Worker(gevent_listener, config, default_registry, master_pid).serve_forever()
-    return EXIT_OK

@@ -183,6 +183,11 @@ class _Connection:
             self._fail_pending(reason)
 
     def _dispatch(self, reply: Reply) -> None:
+        if reply.kind == "closing":
+            # The server answers what it has read, then waits for us to close.
+            self.draining = True
+            self._close_if_done()
+            return
         with self._lock:
             if reply.kind == "progress":
                 handle = self._pending.get(reply.id)  # type: ignore[arg-type]
@@ -197,7 +202,8 @@ class _Connection:
             return
         if reply.kind == "progress":
             handle._progress(reply.value)
-        elif reply.kind == "result":
+            return
+        if reply.kind == "result":
             handle._resolve(reply.value)
         elif isinstance(reply.value, ShuttingDown):
             # The task did not run: send it elsewhere, and send nothing more here.
@@ -205,6 +211,14 @@ class _Connection:
             handle._client._send(handle)
         else:
             handle._resolve(error=reply.value)
+        if self.draining:
+            self._close_if_done()
+
+    def _close_if_done(self) -> None:
+        with self._lock:
+            done = not self._pending
+        if done:
+            self.close()
 
     def _fail_pending(self, reason: str) -> None:
         with self._lock:

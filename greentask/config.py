@@ -44,6 +44,27 @@ def to_positive_int(text: str) -> int:
     return value
 
 
+def to_count(text: str) -> int:
+    """A whole number, 0 or more (0 turns the feature off)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ValueError("expected a whole number, 0 or more (0: off)")
+    return value
+
+
+def to_size_or_off(text: str) -> int:
+    """``0`` (off) or a byte count such as ``200MiB``."""
+    if text.strip() == "0":
+        return 0
+    try:
+        return to_size(text)
+    except ValueError:
+        raise ValueError("expected 0 (off) or a size such as 200MiB") from None
+
+
 def to_processes(text: str) -> int:
     """``auto`` (one per CPU) or a whole number of at least 1."""
     if text.strip().lower() == "auto":
@@ -66,11 +87,12 @@ def to_seconds(text: str) -> float:
 
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024 ** 2,
-               "mb": 1024 ** 2, "mib": 1024 ** 2}
+               "mb": 1024 ** 2, "mib": 1024 ** 2, "g": 1024 ** 3, "gb": 1024 ** 3,
+               "gib": 1024 ** 3}
 
 
 def to_size(text: str) -> int:
-    """A byte count: ``1048576``, ``64KiB`` or ``1MiB``."""
+    """A byte count: ``1048576``, ``64KiB``, ``1MiB`` or ``1GiB``."""
     stripped = text.strip().lower()
     digits = stripped.rstrip("abcdefghijklmnopqrstuvwxyz ")
     unit = stripped[len(digits):].strip()
@@ -185,6 +207,17 @@ SETTINGS: tuple[Setting, ...] = (
             "Longest run of one task; a request's own timeout can only shorten it."),
     Setting("worker", "graceful_timeout", "30", to_seconds,
             "On SIGTERM, how long in-flight tasks may run before their process is killed."),
+    Setting("worker", "heartbeat_timeout", "30", to_seconds,
+            "A worker whose event loop has not run for this long (a task that computes "
+            "without yielding) is killed (SIGABRT, then SIGKILL) and replaced."),
+    Setting("worker", "max_tasks_per_child", "0", to_count,
+            "Replace a worker after it has run this many tasks (0: never); its replacement "
+            "starts first, then it drains. Bounds slow leaks."),
+    Setting("worker", "max_tasks_jitter", "0", to_count,
+            "Add up to this many tasks, at random per worker, to max_tasks_per_child, so "
+            "workers are not all replaced at once."),
+    Setting("worker", "max_memory_per_child", "0", to_size_or_off,
+            "Replace a worker whose resident memory (RSS) grows past this (0: never)."),
     Setting("worker", "loglevel", "info", to_loglevel,
             "Log level of the master and the workers."),
     Setting("worker", "debug", "false", to_bool,

@@ -204,6 +204,11 @@ def encode_progress(request_id: RequestId, value: Any) -> bytes:
     return _line({"progress": value}, request_id)
 
 
+def encode_closing() -> bytes:
+    """The notice a stopping server sends a pipelining peer: finish, then close."""
+    return b'{"closing":true}\n'
+
+
 def encode_request(function: str, args: list[Any] | dict[str, Any] | None = None,
                    request_id: RequestId = None, progress: bool = False,
                    timeout: float | None = None) -> bytes:
@@ -220,7 +225,11 @@ def encode_request(function: str, args: list[Any] | dict[str, Any] | None = None
 
 @dataclass(frozen=True)
 class Reply:
-    """One decoded reply line: ``kind`` is ``"result"``, ``"error"`` or ``"progress"``."""
+    """One decoded reply line.
+
+    ``kind`` is ``"result"``, ``"error"``, ``"progress"``, or ``"closing"``
+    (the server is stopping: send nothing more on this connection).
+    """
 
     kind: str
     id: RequestId
@@ -239,6 +248,8 @@ def parse_reply(line: bytes) -> Reply:
     except ValueError:
         return Reply("result", None, line.decode("utf-8", "replace"))
     if not isinstance(obj, dict) or ("ok" not in obj and "progress" not in obj):
+        if isinstance(obj, dict) and obj.get("closing") is True and len(obj) == 1:
+            return Reply("closing", None, None)
         return Reply("result", None, obj)
     request_id = _valid_id_or_none(obj.get("id"))
     if "ok" not in obj:

@@ -13,11 +13,15 @@ in TCP buffers (backpressure) instead of being dropped.
 Task greenlets never block on the socket: they queue their reply in the
 connection's :class:`ReplyWriter`, which sends what one loop turn queued in
 one write. A peer that does not read its replies blocks only its own writer;
-when its queue passes :data:`OUTBOX_HIGH_WATER` its reader stops reading.
+when its queue passes :data:`greentask.writer.OUTBOX_HIGH_WATER` its reader
+stops reading.
 
-On SIGTERM the process stops accepting, answers new requests with
-``ShuttingDown``, lets in-flight tasks finish within ``graceful_timeout``,
-flushes their replies and exits. SIGINT and SIGQUIT exit at once.
+On SIGTERM the process stops accepting, tells pipelining peers it is closing
+(``{"closing": true}``), answers new requests with ``ShuttingDown``, lets
+in-flight tasks finish within ``graceful_timeout``, waits (within the same
+bound) for those peers to close, and exits. SIGINT and SIGQUIT exit at once.
+The process beats a heartbeat and keeps its counters in its scoreboard slot
+(:mod:`greentask.scoreboard`); the master reads them.
 
 This module imports gevent, so only a forked child imports it, after it has
 monkey-patched (see :mod:`greentask.arbiter`).
@@ -29,6 +33,7 @@ import logging
 import os
 import signal
 import socket
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -39,128 +44,42 @@ from gevent.event import Event
 from gevent.lock import Semaphore
 from gevent.server import StreamServer
 
+from greentask import scoreboard
 from greentask.config import Config
 from greentask.errors import BadRequest, RemoteError, ShuttingDown, TaskError, TaskTimeout
 from greentask.protocol import (
     LineDecoder,
     Request,
+    encode_closing,
     encode_error,
     encode_progress,
     encode_result,
     parse_request,
 )
 from greentask.registry import Registry, call_task, progress_sink
+from greentask.writer import ReplyWriter
 
 log = logging.getLogger("greentask.worker")
 
 #: Bytes read per ``recv``; also the most one read adds to a connection's buffer.
 RECV_SIZE = 64 * 1024
-#: Unsent reply bytes at which a connection stops reading requests, until its
-#: peer reads its replies.
-OUTBOX_HIGH_WATER = 4 * 1024 * 1024
 #: How long a connection closed for a too-long line keeps discarding input (seconds).
 LINGER_SECONDS = 2.0
-#: Idle task greenlets kept for reuse (each holds about 20 KiB).
-MAX_IDLE_RUNNERS = 128
-#: How often the worker checks that its master is still alive (seconds).
-PARENT_CHECK_INTERVAL = 1.0
+#: Idle task greenlets always kept for reuse (each holds about 20 KiB); above
+#: this, each heartbeat frees those the last interval's peak did not need.
+IDLE_RUNNERS_FLOOR = 64
+#: Longest time between two heartbeats; each also checks that the master lives
+#: and reads the RSS (seconds).
+HEARTBEAT_INTERVAL = 1.0
+#: How often a draining worker checks whether its peers have closed (seconds).
+DRAIN_POLL_INTERVAL = 0.05
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
-class ReplyWriter:
-    """The outbound half of a connection: queue reply lines, send them in batches.
-
-    Replies queued during one turn of the event loop go out in one
-    non-blocking write at the end of that turn (a loop callback, no greenlet
-    switch). What the socket does not take is sent by a writer greenlet,
-    started only then, which waits for the peer to read.
-    """
-
-    def __init__(self, sock: socket.socket, on_drop: Callable[[int], None]) -> None:
-        self.sock = sock
-        self.broken = False
-        #: Unsent bytes; the reader stops reading above OUTBOX_HIGH_WATER.
-        self.size = 0
-        #: Set while the peer can take more replies (size under the high water).
-        self.writable = Event()
-        self.writable.set()
-        self._fd = sock.fileno()
-        self._on_drop = on_drop
-        self._outbox: list[bytes] = []
-        self._flush_scheduled = False
-        self._writer: gevent.Greenlet | None = None
-        self._loop = gevent.get_hub().loop
-        self._flushed = Event()
-        self._flushed.set()
-
-    def send(self, data: bytes) -> None:
-        """Queue ``data``; dropped (and counted) once the peer is gone."""
-        if self.broken:
-            self._on_drop(data.count(b"\n"))
-            return
-        self._outbox.append(data)
-        self.size += len(data)
-        self._flushed.clear()
-        if self.size > OUTBOX_HIGH_WATER:
-            self.writable.clear()
-        if not self._flush_scheduled and self._writer is None:
-            self._flush_scheduled = True
-            self._loop.run_callback(self._flush_without_blocking)
-
-    def wait_flushed(self) -> None:
-        """Block until everything queued is sent (or the peer is gone)."""
-        self._flushed.wait()
-
-    def _take(self) -> bytes:
-        data = b"".join(self._outbox) if len(self._outbox) > 1 else self._outbox[0]
-        self._outbox = []
-        self.size = 0
-        return data
-
-    def _flush_without_blocking(self) -> None:
-        # Runs in the hub: it must not block or raise.
-        self._flush_scheduled = False
-        if not self._outbox or self._writer is not None:
-            return
-        data = self._take()
-        try:
-            sent = os.write(self._fd, data)
-        except BlockingIOError:
-            sent = 0
-        except OSError as exc:
-            self._fail(data, exc)
-            return
-        if sent < len(data):
-            self._outbox.insert(0, data[sent:])
-            self.size += len(data) - sent
-            self._writer = gevent.spawn(self._write_loop)
-            return
-        self._sent()
-
-    def _write_loop(self) -> None:
-        while self._outbox:
-            data = self._take()
-            try:
-                self.sock.sendall(data)
-            except OSError as exc:
-                self._fail(data, exc)
-                break
-            self._sent()
-        self._writer = None
-
-    def _sent(self) -> None:
-        if self.size <= OUTBOX_HIGH_WATER:
-            self.writable.set()
-        if not self._outbox:
-            self._flushed.set()
-
-    def _fail(self, data: bytes, exc: OSError) -> None:
-        self.broken = True
-        self._on_drop(data.count(b"\n") + sum(d.count(b"\n") for d in self._outbox))
-        self._outbox = []
-        self.size = 0
-        self.writable.set()
-        self._flushed.set()
-        log.debug("peer went away, replies dropped: %s", exc)
+def resident_memory() -> int:
+    """This process's resident set size in bytes (from /proc/self/statm)."""
+    with open("/proc/self/statm", "rb") as statm:
+        return int(statm.read().split()[1]) * _PAGE_SIZE
 
 
 class Connection:
@@ -173,6 +92,9 @@ class Connection:
         self.writer = ReplyWriter(sock, worker.count_dropped)
         self.send = self.writer.send
         self.inflight = 0
+        #: True once the peer sent a request with an id: it pipelines, and is
+        #: told before the connection closes.
+        self.uses_ids = False
         self._idle = Event()
         self._idle.set()
 
@@ -228,6 +150,8 @@ class Connection:
         except BadRequest as exc:
             self.send(encode_error(exc.request_id, exc))
             return
+        if request.id is not None:
+            self.uses_ids = True
         if self.worker.draining:
             self.send(encode_error(request.id, ShuttingDown(
                 "this worker process is shutting down; the task was not run, send it again "
@@ -264,15 +188,20 @@ class Worker:
     """A worker process's server: the shared listener, the task pool, the drain."""
 
     def __init__(self, listener: socket.socket, config: Config, registry: Registry,
-                 master_pid: int) -> None:
+                 master_pid: int, slot: scoreboard.Slot, max_tasks: int = 0) -> None:
         self.config = config
         self.registry = registry
         self.master_pid = master_pid
+        #: This process's row in the master's scoreboard (state, counters, heartbeat).
+        self.slot = slot
+        #: Ask to be replaced after this many tasks (0: never).
+        self.max_tasks = max_tasks
         #: One slot per task that may run at once; a reader that cannot get
         #: one stops reading (backpressure).
         self.slots = Semaphore(config.worker.concurrency)
         self.tasks: set[greenlet.greenlet] = set()
         self._idle_runners: list[greenlet.greenlet] = []
+        self._peak_tasks = 0
         self._loop = gevent.get_hub().loop
         self._no_tasks = Event()
         self._no_tasks.set()
@@ -290,10 +219,12 @@ class Worker:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         connection = Connection(self, sock)
         self.connections.add(connection)
+        self.slot.add(scoreboard.CONNECTIONS)
         try:
             connection.serve()
         finally:
             self.connections.discard(connection)
+            self.slot.add(scoreboard.CONNECTIONS, -1)
 
     def count_dropped(self, replies: int) -> None:
         """Count replies whose peer was gone."""
@@ -320,22 +251,28 @@ class Worker:
         hub = gevent.get_hub()
         while True:
             self._run_slot(function, args)
-            if len(self._idle_runners) >= MAX_IDLE_RUNNERS:
-                return
             self._idle_runners.append(runner)
             function, args = hub.switch()
 
     def _run_slot(self, function: Callable[..., None], args: tuple[Any, ...]) -> None:
         current = greenlet.getcurrent()
         self.tasks.add(current)
+        if len(self.tasks) > self._peak_tasks:
+            self._peak_tasks = len(self.tasks)
         self._no_tasks.clear()
+        slot = self.slot
+        slot.add(scoreboard.INFLIGHT)
         try:
             function(*args)
         finally:
+            slot.add(scoreboard.INFLIGHT, -1)
             self.tasks.discard(current)
             self.slots.release()
             if not self.tasks:
                 self._no_tasks.set()
+        if self.max_tasks and slot.get(scoreboard.DONE) + slot.get(scoreboard.FAILED) + \
+                slot.get(scoreboard.TIMED_OUT) >= self.max_tasks:
+            self.request_recycle(f"it has run max_tasks_per_child ({self.max_tasks}) tasks")
 
     def run_task(self, request: Request, function: Callable[..., Any],
                  sink: Callable[[Any], None] | None) -> bytes:
@@ -354,22 +291,28 @@ class Worker:
         except gevent.Timeout as exc:
             if exc is not timeout:
                 raise
+            self.slot.add(scoreboard.TIMED_OUT)
             return encode_error(request.id, TaskTimeout(
                 f"task {request.function!r} ran longer than {seconds:g} s and was stopped; "
                 "raise the request's timeout or [worker] task_timeout, or make the task "
                 "shorter"))
         except RemoteError as exc:
+            self.slot.add(scoreboard.FAILED)
             return encode_error(request.id, exc)
         except (Exception, SystemExit) as exc:
+            self.slot.add(scoreboard.FAILED)
             return encode_error(request.id, self._task_error(request, exc))
         finally:
             timeout.close()
         try:
-            return encode_result(request.id, result)
+            line = encode_result(request.id, result)
         except (TypeError, OverflowError) as exc:
+            self.slot.add(scoreboard.FAILED)
             return encode_error(request.id, TaskError(
                 f"task {request.function!r} returned a value that is not JSON ({exc}); "
                 "return dicts, lists, strings, numbers, booleans or None"))
+        self.slot.add(scoreboard.DONE)
+        return line
 
     def _task_error(self, request: Request, exc: BaseException) -> TaskError:
         log.warning("task %r raised %s: %s", request.function, type(exc).__name__, exc,
@@ -385,30 +328,63 @@ class Worker:
         gevent.signal_handler(signal.SIGINT, self.stop_now)
         gevent.signal_handler(signal.SIGQUIT, self.stop_now)
         self.server.start()
-        watcher = gevent.spawn(self._watch_master)
+        self.slot.set(scoreboard.PID, os.getpid())
+        self.slot.beat()
+        self.slot.set_state(scoreboard.READY)
+        heart = gevent.spawn(self._beat_forever)
         log.info("%s worker %d serving", self.config.worker.name, os.getpid())
         self._stopped.wait()
-        watcher.kill()
+        heart.kill()
 
-    def _watch_master(self) -> None:
+    def _beat_forever(self) -> None:
+        # The master kills a worker whose heartbeat stops: this greenlet only
+        # runs when the event loop does.
+        interval = min(HEARTBEAT_INTERVAL, self.config.worker.heartbeat_timeout / 4)
+        max_memory = self.config.worker.max_memory_per_child
         while True:
-            gevent.sleep(PARENT_CHECK_INTERVAL)
+            self.slot.beat()
+            self._trim_idle_runners()
             if os.getppid() != self.master_pid:
                 log.error("master %d is gone; worker %d exits", self.master_pid, os.getpid())
                 self.stop_now()
+            rss = resident_memory()
+            self.slot.set(scoreboard.RSS, rss)
+            if max_memory and rss > max_memory:
+                self.request_recycle(f"its RSS ({rss >> 20} MiB) is over max_memory_per_child "
+                                     f"({max_memory >> 20} MiB)")
+            gevent.sleep(interval)
+
+    def _trim_idle_runners(self) -> None:
+        keep = max(IDLE_RUNNERS_FLOOR, self._peak_tasks)
+        self._peak_tasks = len(self.tasks)
+        while len(self._idle_runners) > keep:
+            gevent.kill(self._idle_runners.pop(0))
+
+    def request_recycle(self, reason: str) -> None:
+        """Ask the master for a replacement; this process serves until it is told to drain."""
+        if self.slot.state == scoreboard.READY:
+            log.info("worker %d asks to be replaced: %s", os.getpid(), reason)
+            self.slot.set_state(scoreboard.RECYCLE)
 
     def stop_gracefully(self) -> None:
         """Stop accepting, let in-flight tasks finish within graceful_timeout, then stop."""
         if self.draining:
             return
         self.draining = True
+        self.slot.set_state(scoreboard.DRAINING)
         gevent.spawn(self._drain)
 
     def _drain(self) -> None:
         self.server.close()
         grace = self.config.worker.graceful_timeout
+        deadline = time.monotonic() + grace
         log.info("worker %d draining %d task(s), up to %g s", os.getpid(), len(self.tasks),
                  grace)
+        # Pipelining peers are told, and close once their replies are in: a
+        # request they send meanwhile is answered (ShuttingDown), never lost.
+        for connection in list(self.connections):
+            if connection.uses_ids:
+                connection.send(encode_closing())
         if not self._no_tasks.wait(timeout=grace):
             log.warning("worker %d: %d task(s) still running after %g s; killing them",
                         os.getpid(), len(self.tasks), grace)
@@ -416,6 +392,11 @@ class Worker:
                 gevent.kill(task_greenlet)
         for runner in self._idle_runners:
             gevent.kill(runner)
+        for connection in list(self.connections):
+            if not connection.uses_ids:
+                connection.stop_reading()
+        while self.connections and time.monotonic() < deadline:
+            gevent.sleep(DRAIN_POLL_INTERVAL)
         for connection in list(self.connections):
             connection.stop_reading()
         self.server.stop(timeout=1.0)

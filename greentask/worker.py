@@ -6,7 +6,8 @@ import argparse
 import logging
 import sys
 
-from greentask.arbiter import EXIT_BOOT_ERROR, EXIT_CONFIG, EXIT_OK, Arbiter, import_task_modules
+from greentask.arbiter import EXIT_BOOT_ERROR, EXIT_CONFIG, EXIT_OK, Arbiter
+from greentask.child import import_task_modules
 from greentask.config import Config, load
 from greentask.errors import ConfigError
 
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         return check(config)
     logging.basicConfig(level=config.worker.loglevel, format=LOG_FORMAT, stream=sys.stderr)
-    return Arbiter(config).run()
+    return Arbiter(config, reload_config=lambda: load_config(args)).run()
 
 
 if __name__ == "__main__":

@@ -82,8 +82,10 @@ def write_config(path: Path, worker: dict[str, object] | None = None,
 class Daemon:
     """``python -m greentask.worker`` in a real process, stopped by pid in teardown."""
 
-    def __init__(self, tmp_path: Path, processes: int = 2, **worker: object) -> None:
+    def __init__(self, tmp_path: Path, processes: int = 2, env: dict[str, str] | None = None,
+                 **worker: object) -> None:
         self.port = free_port()
+        self.env = {**os.environ, **(env or {})}
         self.processes = processes
         settings = {"bind": f"127.0.0.1:{self.port}", "processes": processes,
                     "tasks": "greentask.examples.basic, greentask.examples.mail, "
@@ -102,7 +104,8 @@ class Daemon:
     def start(self, wait: bool = True) -> Daemon:
         log = open(self.log_path, "wb")
         self.proc = subprocess.Popen([PYTHON, "-m", "greentask.worker", "-c", str(self.config)],
-                                     cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+                                     cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                     env=self.env)
         log.close()
         if wait:
             wait_until(lambda: port_open(self.port) and len(self.children()) == self.processes
@@ -117,6 +120,19 @@ class Daemon:
 
     def children(self) -> list[int]:
         return children_of(self.pid)
+
+    def signal(self, signum: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    def wait_for_children(self, count: int, timeout: float, exclude: set[int] = frozenset(),
+                          ) -> list[int]:
+        """Wait until ``count`` children serve, none of them in ``exclude``."""
+        def settled() -> list[int] | None:
+            children = self.children()
+            ok = len(children) == count and not exclude & set(children)
+            return children if ok else None
+        return wait_until(settled, timeout, f"{count} children (not {sorted(exclude)})")  # type: ignore[return-value]
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

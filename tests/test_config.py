@@ -40,7 +40,7 @@ def test_file_then_environment_then_flags(tmp_path):
     ("[worker]\nloglevel = loud\n", "expected one of debug, info, warning, error, critical"),
     ("[worker]\ndebug = maybe\n", "[worker] debug = 'maybe': expected true or false"),
     ("[worker]\ntasks = my-tasks\n", "'my-tasks' is not a module name"),
-    ("[worker]\nmax_line = 1GB\n", "expected a positive size in bytes"),
+    ("[worker]\nmax_line = 1TB\n", "expected a positive size in bytes"),
     ("[smtp]\nport = 0\n", "[smtp] port = '0': expected a TCP port from 1 to 65535"),
     ("[workers]\n", "unknown section [workers]; the sections are [worker], [smtp]"),
     ("[worker]\nproceses = 2\n", "[worker] proceses: unknown key; the keys of [worker] are"),

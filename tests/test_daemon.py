@@ -22,9 +22,13 @@ def test_one_master_and_n_children(make_daemon):
     daemon = make_daemon(processes=3)
     children = daemon.children()
     assert len(children) == 3
+    titles = []
     for pid in children:
         with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
-            assert b"greentask.worker" in cmdline.read()
+            titles.append(cmdline.read().rstrip(b"\0").decode())
+    assert sorted(titles) == [f"greentask worker [greentask] #{i}" for i in (1, 2, 3)]
+    with open(f"/proc/{daemon.pid}/cmdline", "rb") as cmdline:
+        assert cmdline.read().rstrip(b"\0") == b"greentask master [greentask]"
 
 
 def test_thousand_concurrent_calls_all_succeed(daemon):
@@ -36,11 +40,14 @@ def test_thousand_concurrent_calls_all_succeed(daemon):
     assert results[500:] == [{"i": i} for i in range(500)]
 
 
-def test_both_processes_serve(daemon):
-    with TaskClient([daemon.address], connections_per_server=8) as client:
-        pids = {client.call("pid") for _ in range(64)}
-    assert pids <= set(daemon.children())
-    assert len(pids) == 2
+def test_both_processes_serve(daemon, connect):
+    # Queue many connections at once: each wake-up of a worker accepts one
+    # (max_accept = 1), so both workers take some.
+    conns = [connect(daemon.port) for _ in range(64)]
+    for conn in conns:
+        conn.send_json({"function": "pid"})
+    pids = {conn.read_json()["result"] for conn in conns}
+    assert pids == set(daemon.children())
 
 
 def test_cpu_hog_in_one_child_does_not_stop_the_other(daemon, connect):
@@ -202,10 +209,23 @@ def test_new_requests_during_a_graceful_stop_get_shutting_down(daemon, connect):
     conn.send_json({"function": "sleep", "args": [1], "id": "long"})
     threading.Event().wait(0.2)
     os.kill(pid, signal.SIGTERM)
-    threading.Event().wait(0.2)
+    assert conn.read_json() == {"closing": True}
     reply = conn.call({"function": "echo", "id": "late"})
     assert reply["error"]["type"] == "ShuttingDown"
     assert conn.read_json() == {"id": "long", "ok": True, "result": 1}
+    assert pid_alive(pid)  # it waits for this pipelining peer to close
+    conn.close()
+    wait_until(lambda: not pid_alive(pid), 5, "the drained worker to exit")
+
+
+def test_id_less_connections_are_closed_after_their_tasks(daemon, connect):
+    conn = connect(daemon.port)
+    pid = conn.call({"function": "pid"})["result"]
+    conn.send_json({"function": "sleep", "args": [0.5]})
+    threading.Event().wait(0.2)
+    os.kill(pid, signal.SIGTERM)
+    assert conn.read_json() == {"ok": True, "result": 0.5}
+    assert conn.at_eof()
 
 
 def test_sigint_stops_fast(daemon):

@@ -1,0 +1,72 @@
+"""A forked worker's life: patch, import the task modules, serve.
+
+The master (:mod:`greentask.arbiter`) forks before any gevent hub exists and
+calls :func:`run_worker` in the child. Only here, after ``patch_all``, are
+gevent and the task modules imported, so blocking stdlib I/O in tasks
+cooperates and a reload imports task code afresh.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import importlib
+import logging
+import os
+import random
+import socket
+
+from greentask.config import Config, set_current
+
+log = logging.getLogger("greentask.worker")
+
+#: Exit status: stopped as asked.
+EXIT_OK = 0
+#: Exit status: workers cannot start (a task module does not import).
+EXIT_BOOT_ERROR = 3
+
+
+def set_process_title(title: str) -> None:
+    """Show ``title`` in ps and top, when setproctitle is installed."""
+    try:
+        from setproctitle import setproctitle
+    except ImportError:
+        return
+    setproctitle(title)
+
+
+def import_task_modules(modules: list[str]) -> None:
+    """Import each task module, so its ``@task`` functions register."""
+    for name in modules:
+        importlib.import_module(name)
+
+
+def run_worker(listener: socket.socket, config: Config, master_pid: int, number: int,
+               slot_index: int, scoreboard: object) -> int:
+    """Patch, import the tasks, serve until stopped; return the exit status."""
+    from gevent import monkey
+    monkey.patch_all()
+    import gevent.socket
+
+    from greentask.registry import default_registry
+    from greentask.server import Worker
+
+    set_process_title(f"greentask worker [{config.worker.name}] #{number}")
+    # SIGABRT from the watchdog then prints where the blocked task was.
+    faulthandler.enable()
+    set_current(config)
+    try:
+        import_task_modules(config.worker.tasks)
+    except Exception as exc:
+        log.error("worker %d cannot import a [worker] tasks module: %s: %s", os.getpid(),
+                  type(exc).__name__, exc, exc_info=True)
+        return EXIT_BOOT_ERROR
+    # A socket made before monkey-patching is not a gevent socket; serving it
+    # as-is accepts nothing, so re-wrap its descriptor (as gunicorn's gevent
+    # worker does).
+    gevent_listener = gevent.socket.socket(fileno=listener.detach())
+    max_tasks = config.worker.max_tasks_per_child
+    if max_tasks:
+        max_tasks += random.randint(0, config.worker.max_tasks_jitter)
+    slot = scoreboard.slot(slot_index)  # type: ignore[attr-defined]
+    Worker(gevent_listener, config, default_registry, master_pid, slot, max_tasks).serve_forever()
+    return EXIT_OK

@@ -1,0 +1,120 @@
+"""The outbound half of a connection: reply lines batched per event-loop turn.
+
+Task greenlets must never block on a slow peer (they hold a task slot), so
+they only queue bytes here. Everything queued during one turn of the event
+loop is written at the end of that turn by a loop callback, with one
+non-blocking ``write``: no greenlet switch, one system call for many replies.
+Only when the socket does not take it all does a writer greenlet start,
+which waits for the peer to read.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Callable
+
+import gevent
+from gevent.event import Event
+
+log = logging.getLogger("greentask.worker")
+
+#: Unsent reply bytes at which a connection stops reading requests, until its
+#: peer reads its replies.
+OUTBOX_HIGH_WATER = 4 * 1024 * 1024
+
+
+class ReplyWriter:
+    """Queue reply lines for one socket and send them in batches.
+
+    ``on_drop(n)`` is called with the number of reply lines lost when the
+    peer is gone.
+    """
+
+    def __init__(self, sock: socket.socket, on_drop: Callable[[int], None]) -> None:
+        self.sock = sock
+        self.broken = False
+        #: Unsent bytes; the reader stops reading above OUTBOX_HIGH_WATER.
+        self.size = 0
+        #: Set while the peer can take more replies (size under the high water).
+        self.writable = Event()
+        self.writable.set()
+        self._fd = sock.fileno()
+        self._on_drop = on_drop
+        self._outbox: list[bytes] = []
+        self._flush_scheduled = False
+        self._writer: gevent.Greenlet | None = None
+        self._loop = gevent.get_hub().loop
+        self._flushed = Event()
+        self._flushed.set()
+
+    def send(self, data: bytes) -> None:
+        """Queue ``data``; dropped (and counted) once the peer is gone."""
+        if self.broken:
+            self._on_drop(data.count(b"\n"))
+            return
+        self._outbox.append(data)
+        self.size += len(data)
+        self._flushed.clear()
+        if self.size > OUTBOX_HIGH_WATER:
+            self.writable.clear()
+        if not self._flush_scheduled and self._writer is None:
+            self._flush_scheduled = True
+            self._loop.run_callback(self._flush_without_blocking)
+
+    def wait_flushed(self) -> None:
+        """Block until everything queued is sent (or the peer is gone)."""
+        self._flushed.wait()
+
+    def _take(self) -> bytes:
+        data = b"".join(self._outbox) if len(self._outbox) > 1 else self._outbox[0]
+        self._outbox = []
+        self.size = 0
+        return data
+
+    def _flush_without_blocking(self) -> None:
+        # Runs in the hub: it must not block or raise.
+        self._flush_scheduled = False
+        if not self._outbox or self._writer is not None:
+            return
+        data = self._take()
+        try:
+            sent = os.write(self._fd, data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self._fail(data, exc)
+            return
+        if sent < len(data):
+            self._outbox.insert(0, data[sent:])
+            self.size += len(data) - sent
+            self._writer = gevent.spawn(self._write_loop)
+            return
+        self._sent()
+
+    def _write_loop(self) -> None:
+        while self._outbox:
+            data = self._take()
+            try:
+                self.sock.sendall(data)
+            except OSError as exc:
+                self._fail(data, exc)
+                break
+            self._sent()
+        self._writer = None
+
+    def _sent(self) -> None:
+        if self.size <= OUTBOX_HIGH_WATER:
+            self.writable.set()
+        if not self._outbox:
+            self._flushed.set()
+
+    def _fail(self, data: bytes, exc: OSError) -> None:
+        self.broken = True
+        self._on_drop(data.count(b"\n") + sum(d.count(b"\n") for d in self._outbox))
+        self._outbox = []
+        self.size = 0
+        self.writable.set()
+        self._flushed.set()
+        log.debug("peer went away, replies dropped: %s", exc)

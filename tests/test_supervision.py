@@ -1,0 +1,157 @@
+"""The master as a supervisor: reload, watchdog, recycling, scaling (real signals)."""
+
+from __future__ import annotations
+
+import collections
+import signal
+import threading
+import time
+
+import pytest
+
+from greentask import TaskClient, WorkerLost
+
+from .conftest import pid_alive, wait_until
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def write_version_module(directory, version: int) -> None:
+    (directory / "versioned_tasks.py").write_text(
+        "from greentask import task\n\n\n"
+        f"@task\ndef version():\n    return {version}\n")
+
+
+@pytest.fixture
+def versioned(tmp_path, make_daemon):
+    """A daemon serving a task module that the test can rewrite."""
+    modules = tmp_path / "modules"
+    modules.mkdir()
+    write_version_module(modules, 1)
+    daemon = make_daemon(tasks="greentask.examples.basic, versioned_tasks",
+                         env={"PYTHONPATH": str(modules)})
+    return daemon, modules
+
+
+def test_reload_under_load_loses_nothing_and_serves_new_code(versioned):
+    daemon, modules = versioned
+    errors, results = [], []
+    stop = threading.Event()
+    with TaskClient([daemon.address], timeout=20) as client:
+        def caller():
+            while not stop.is_set():
+                try:
+                    results.append(client.call("version"))
+                except Exception as exc:  # counted: the test asserts there are none
+                    errors.append(repr(exc))
+        callers = [threading.Thread(target=caller) for _ in range(200)]
+        for thread in callers:
+            thread.start()
+        for version in range(2, 7):
+            time.sleep(1)
+            write_version_module(modules, version)
+            daemon.signal(signal.SIGHUP)
+        time.sleep(1)
+        stop.set()
+        for thread in callers:
+            thread.join(30)
+        assert errors == []
+        assert len(results) > 1000
+        assert set(results) <= {1, 2, 3, 4, 5, 6}
+        wait_until(lambda: client.call("version") == 6, 10, "the last generation to serve")
+    assert daemon.log().count("SIGHUP: reloading") == 5
+    daemon.wait_for_children(2, 10)
+
+
+def test_reload_with_a_broken_config_keeps_the_old_generation(versioned):
+    daemon, _ = versioned
+    children = daemon.children()
+    daemon.config.write_text(daemon.config.read_text().replace(
+        "[worker]\n", "[worker]\nconcurrency = many\n", 1))
+    daemon.signal(signal.SIGHUP)
+    wait_until(lambda: "reload refused" in daemon.log(), 5, "the refusal")
+    assert "concurrency" in daemon.log()
+    time.sleep(1)
+    assert sorted(daemon.children()) == sorted(children)
+    with TaskClient([daemon.address]) as client:
+        assert client.call("version") == 1
+
+
+def test_reload_with_a_task_module_that_does_not_import_keeps_the_old_generation(versioned):
+    daemon, modules = versioned
+    children = daemon.children()
+    (modules / "versioned_tasks.py").write_text("raise ImportError('half-written file')\n")
+    daemon.signal(signal.SIGHUP)
+    wait_until(lambda: "reload failed" in daemon.log(), 15, "the failed reload")
+    assert "ImportError: half-written file" in daemon.log()
+    with TaskClient([daemon.address]) as client:
+        assert client.call("version") == 1
+    assert sorted(daemon.wait_for_children(2, 10)) == sorted(children)
+    assert daemon.proc.poll() is None
+
+
+def test_hung_worker_is_killed_and_replaced(make_daemon):
+    daemon = make_daemon(heartbeat_timeout=2)
+    with TaskClient([daemon.address], connections_per_server=1, timeout=30) as hog_client, \
+            TaskClient([daemon.address], timeout=5) as other:
+        hog_pid = hog_client.call("pid")
+        hog = hog_client.submit("cpu", 10 ** 10)
+        time.sleep(0.5)
+        for _ in range(5):
+            assert other.call("echo", 1) == [1]  # the other child keeps serving
+        with pytest.raises(WorkerLost):
+            hog.get(timeout=10)
+        assert not pid_alive(hog_pid)
+        daemon.wait_for_children(2, 5, exclude={hog_pid})
+        assert other.call("echo", 2) == [2]
+    log = daemon.log()
+    assert "event loop has been blocked" in log
+    assert "Fatal Python error: Aborted" in log  # faulthandler's traceback of the hog
+
+
+def test_max_tasks_per_child_replaces_workers_without_failing_a_call(make_daemon):
+    daemon = make_daemon(max_tasks_per_child=100, max_tasks_jitter=10)
+    seen = set()
+    with TaskClient([daemon.address], timeout=20) as client:
+        for start in range(0, 2000, 500):
+            serving = set(daemon.children())
+            seen |= serving
+            handles = [client.submit("pid") for i in range(start, start + 500)]
+            served_by = collections.Counter(h.get() for h in handles)
+            # 500 tasks take at least one child past 100 (the kernel may give
+            # both connections to one child): it is replaced, and retired.
+            def replaced(serving=serving):
+                children = set(daemon.children())
+                return len(children) == 2 and children - serving
+            wait_until(replaced, 10, f"a replacement; served by {served_by}, serving {serving}")
+    assert daemon.log().count("asks to be replaced") >= 4
+    assert len(seen) >= 5
+
+
+def test_ttin_and_ttou_change_the_number_of_children(daemon):
+    daemon.signal(signal.SIGTTIN)
+    daemon.wait_for_children(3, 5)
+    # Signals of one kind sent back to back merge into one: wait between them.
+    daemon.signal(signal.SIGTTOU)
+    daemon.wait_for_children(2, 10)
+    daemon.signal(signal.SIGTTOU)
+    daemon.wait_for_children(1, 10)
+    daemon.signal(signal.SIGTTOU)  # never fewer than one
+    time.sleep(1)
+    assert len(daemon.wait_for_children(1, 5)) == 1
+    with TaskClient([daemon.address]) as client:
+        assert client.call("echo", "still") == ["still"]
+
+
+def test_graceful_stop_is_bounded_by_graceful_timeout(make_daemon):
+    daemon = make_daemon(graceful_timeout=2)
+    with TaskClient([daemon.address], timeout=30) as client:
+        handles = [client.submit("sleep", 5) for _ in range(10)]
+        time.sleep(0.3)
+        started = time.monotonic()
+        daemon.signal(signal.SIGTERM)
+        for handle in handles:
+            with pytest.raises(WorkerLost):
+                handle.get(timeout=10)
+    assert daemon.wait(10) == 0
+    assert time.monotonic() - started < 6
