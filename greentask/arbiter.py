@@ -37,8 +37,10 @@ from dataclasses import dataclass
 
 from greentask import scoreboard
 from greentask.child import EXIT_BOOT_ERROR, EXIT_OK, run_worker, set_process_title
-from greentask.config import Config
+from greentask.config import Config, control_socket_path
+from greentask.control import ControlError, ControlServer, remove_pidfile, write_pidfile
 from greentask.errors import ConfigError, GreentaskError
+from greentask.logs import reopen_log_files
 
 log = logging.getLogger("greentask.master")
 
@@ -59,12 +61,14 @@ ABORT_GRACE = 1.0
 YOUNG_DEATH = 1.0
 #: Longest wait before restarting a child that keeps dying young (seconds).
 MAX_RESPAWN_DELAY = 5.0
+#: Seconds over which ``status`` measures each child's tasks per second.
+RATE_WINDOW = 5.0
 #: Worker slots in the scoreboard: the most children alive at once, old and new.
 SCOREBOARD_SLOTS = 1024
 
 _SIGNAL_NAMES = {signal.SIGTERM: "term", signal.SIGINT: "int", signal.SIGQUIT: "quit",
                  signal.SIGCHLD: "chld", signal.SIGHUP: "hup", signal.SIGTTIN: "ttin",
-                 signal.SIGTTOU: "ttou"}
+                 signal.SIGTTOU: "ttou", signal.SIGUSR1: "usr1"}
 
 __all__ = ["EXIT_BOOT_ERROR", "EXIT_CONFIG", "EXIT_OK", "Arbiter", "BindError",
            "bind_listener"]
@@ -109,6 +113,8 @@ class WorkerProcess:
     retired_at: float | None = None
     #: When the watchdog sent SIGABRT.
     aborted_at: float | None = None
+    #: (time, tasks done) a few seconds ago, for the tasks/s of ``status``.
+    rate_sample: tuple[float, float] = (0.0, 0.0)
 
 
 class Arbiter:
@@ -135,6 +141,8 @@ class Arbiter:
         self._young_deaths = 0
         self._respawn_at = 0.0
         self._numbers = 0
+        self._started_at = time.monotonic()
+        self.control: ControlServer | None = None
 
     @property
     def stopping(self) -> bool:
@@ -143,15 +151,24 @@ class Arbiter:
 
     def run(self) -> int:
         """Bind, fork, supervise until stopped; return the exit status."""
+        pidfile = self.config.worker.pidfile
         try:
+            if pidfile:
+                write_pidfile(pidfile)
             self.listener = bind_listener(self.config.worker.bind)
-        except BindError as exc:
+            self.control = ControlServer(control_socket_path(self.config), self.handle_command)
+        except (BindError, ControlError, OSError) as exc:
             log.error("%s", exc)
+            if self.listener is not None:
+                self.listener.close()
+            if pidfile:
+                remove_pidfile(pidfile)
             return EXIT_CONFIG
         host, port = self.listener.getsockname()[:2]
         set_process_title(f"greentask master [{self.config.worker.name}]")
-        log.info("%s master %d listening at %s:%d with %d worker processes",
-                 self.config.worker.name, os.getpid(), host, port, self.processes)
+        log.info("%s master %d listening at %s:%d with %d worker processes; control socket "
+                 "%s", self.config.worker.name, os.getpid(), host, port, self.processes,
+                 self.control.path)
         self._install_signals()
         try:
             while self.workers or not self.stopping:
@@ -164,6 +181,9 @@ class Arbiter:
                 self.murder_workers()
         finally:
             self.listener.close()
+            self.control.close()
+            if pidfile:
+                remove_pidfile(pidfile)
         log.info("master %d exits with status %d", os.getpid(), self.exit_code)
         return self.exit_code
 
@@ -184,11 +204,17 @@ class Arbiter:
     def _sleep(self) -> None:
         if self._signals:
             return
+        assert self.control is not None
         try:
-            select.select([self._wakeup_r], [], [], LOOP_INTERVAL)
+            readable, _, _ = select.select([self._wakeup_r, *self.control.fds()], [], [],
+                                           self.control.timeout(LOOP_INTERVAL))
+        except InterruptedError:
+            return
+        self.control.serve(readable)
+        try:
             while os.read(self._wakeup_r, 4096):
                 pass
-        except (BlockingIOError, InterruptedError):
+        except BlockingIOError:
             pass
 
     def _dispatch_signals(self) -> None:
@@ -239,6 +265,12 @@ class Arbiter:
         logging.getLogger().setLevel(config.worker.loglevel)
         log.info("SIGHUP: reloading: starting generation %d (%d workers)", self.generation,
                  self.processes)
+
+    def handle_usr1(self) -> None:
+        """Reopen log files (after logrotate moved them), here and in every child."""
+        reopen_log_files()
+        self.signal_workers(signal.SIGUSR1)
+        log.info("SIGUSR1: log files reopened")
 
     def handle_ttin(self) -> None:
         """One more child."""
@@ -406,3 +438,49 @@ class Arbiter:
             signal.signal(signum, signal.SIG_DFL)
         os.close(self._wakeup_r)
         os.close(self._wakeup_w)
+        if self.control is not None:
+            for fd in self.control.fds():
+                os.close(fd)
+
+    # -- control channel ---------------------------------------------------
+
+    def handle_command(self, command: dict[str, object]) -> dict[str, object]:
+        """Answer a control command: status, reload, stop or scale."""
+        name = command["command"]
+        if name == "status":
+            return self.status()
+        if name in ("reload", "stop"):
+            self._signals.append(signal.SIGHUP if name == "reload" else signal.SIGTERM)
+            return {"message": f"{name} started"}
+        if name == "scale":
+            processes = command.get("processes")
+            if not isinstance(processes, int) or isinstance(processes, bool) or processes < 1:
+                raise ControlError("scale needs a whole number of processes, at least 1")
+            self.processes = processes
+            log.info("scaled to %d worker processes", processes)
+            return {"message": f"scaling to {processes} worker processes"}
+        raise ControlError(f"unknown command {name!r}; the commands are status, reload, stop "
+                           "and scale")
+
+    def status(self) -> dict[str, object]:
+        """The master's and every child's state and counters."""
+        now = time.monotonic()
+        host, port = self.config.worker.bind
+        workers = []
+        for worker in sorted(self.workers.values(), key=lambda w: w.number):
+            row = self.board.slot(worker.slot).as_dict()
+            then, done_then = worker.rate_sample
+            rate = (row["done"] - done_then) / (now - then) if then else 0.0
+            if now - then > RATE_WINDOW:
+                worker.rate_sample = (now, row["done"])
+            workers.append({
+                "pid": worker.pid, "number": worker.number, "generation": worker.generation,
+                "state": row["state"], "retiring": worker.retired_at is not None,
+                "uptime": now - worker.started_at, "heartbeat_age": now - row["heartbeat"],
+                "tasks_per_second": rate,
+                **{field: int(row[field]) for field in ("rss", "connections", "inflight",
+                                                        "done", "failed", "timed_out")}})
+        return {"master": {"pid": os.getpid(), "name": self.config.worker.name,
+                           "bind": f"{host}:{port}", "generation": self.generation,
+                           "processes": self.processes, "uptime": now - self._started_at},
+                "workers": workers}

@@ -12,6 +12,7 @@ import faulthandler
 import importlib
 import logging
 import os
+import pwd
 import random
 import socket
 
@@ -40,6 +41,19 @@ def import_task_modules(modules: list[str]) -> None:
         importlib.import_module(name)
 
 
+def drop_privileges(uid: int | None, gid: int | None) -> None:
+    """Become ``uid`` and ``gid`` (the user's primary group when ``gid`` is None)."""
+    if uid is None and gid is None:
+        return
+    if gid is None and uid is not None:
+        gid = pwd.getpwuid(uid).pw_gid
+    if gid is not None:
+        os.setgroups([gid])
+        os.setgid(gid)
+    if uid is not None:
+        os.setuid(uid)
+
+
 def run_worker(listener: socket.socket, config: Config, master_pid: int, number: int,
                slot_index: int, scoreboard: object) -> int:
     """Patch, import the tasks, serve until stopped; return the exit status."""
@@ -54,6 +68,12 @@ def run_worker(listener: socket.socket, config: Config, master_pid: int, number:
     # SIGABRT from the watchdog then prints where the blocked task was.
     faulthandler.enable()
     set_current(config)
+    try:
+        drop_privileges(config.worker.user, config.worker.group)
+    except OSError as exc:
+        log.error("worker %d cannot switch to [worker] user/group: %s; start the master as "
+                  "root, or leave user and group empty", os.getpid(), exc)
+        return EXIT_BOOT_ERROR
     try:
         import_task_modules(config.worker.tasks)
     except Exception as exc:

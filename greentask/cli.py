@@ -1,4 +1,4 @@
-"""The ``greentask`` command: ``greentask call FUNCTION [JSON_ARGS]``, ``greentask config-doc``."""
+"""The ``greentask`` command: call a task, control a running daemon, print the config doc."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ from typing import Any
 import ujson
 
 from greentask.client import TaskClient
-from greentask.config import load, render_markdown
+from greentask.config import control_socket_path, load, render_markdown
+from greentask.control import ControlError, format_status, send_command
 from greentask.errors import ConfigError, GreentaskError
 
-#: Exit status of a call whose task failed or could not be reached.
+#: Exit status of a call whose task failed, or of a master that could not be reached.
 EXIT_TASK_FAILED = 1
 #: Exit status of a wrong command line or config.
 EXIT_USAGE = 2
@@ -20,6 +21,12 @@ EXIT_USAGE = 2
 
 def _dumps(value: Any) -> str:
     return ujson.dumps(value, ensure_ascii=False, escape_forward_slashes=False)
+
+
+def _at_least_one(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number, at least 1")
+    return int(text)
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -39,6 +46,18 @@ def _build_parser() -> argparse.ArgumentParser:
     call.add_argument("--progress", action="store_true", help="print progress lines")
     call.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (60)")
     commands.add_parser("config-doc", help="print docs/config.md, made from the settings")
+    for name, text in (("status", "show the master and each worker: state, counters, tasks/s"),
+                       ("reload", "reload config and task code with zero loss (like SIGHUP)"),
+                       ("stop", "stop gracefully (like SIGTERM)"),
+                       ("scale", "set the number of worker processes")):
+        control = commands.add_parser(name, help=text, description=text)
+        if name == "scale":
+            control.add_argument("processes", type=_at_least_one, help="worker processes wanted")
+        if name == "status":
+            control.add_argument("--json", action="store_true", help="print JSON")
+        control.add_argument("-c", "--config", metavar="FILE",
+                             help="the daemon's INI file (finds its control socket)")
+        control.add_argument("--socket", metavar="PATH", help="the control socket itself")
     return parser
 
 
@@ -80,13 +99,37 @@ def call(args: argparse.Namespace) -> int:
     return 0
 
 
+def control(args: argparse.Namespace) -> int:
+    """``greentask status|reload|stop|scale``: talk to the master's control socket."""
+    try:
+        path = args.socket or control_socket_path(load(args.config))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    arguments = {"processes": args.processes} if args.command == "scale" else {}
+    try:
+        reply = send_command(path, args.command, **arguments)
+    except ControlError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_TASK_FAILED
+    if args.command != "status":
+        print(reply["message"])
+    elif args.json:
+        print(_dumps({"master": reply["master"], "workers": reply["workers"]}))
+    else:
+        print(format_status(reply))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``greentask`` console script."""
     args = _build_parser().parse_args(argv)
     if args.command == "config-doc":
         sys.stdout.write(render_markdown())
         return 0
-    return call(args)
+    if args.command == "call":
+        return call(args)
+    return control(args)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from __future__ import annotations
 import configparser
 import logging
 import os
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -164,6 +165,60 @@ def to_text(text: str) -> str:
     return text.strip()
 
 
+def to_optional_path(text: str) -> str | None:
+    """A file path, or ``none`` (or empty) for none."""
+    path = text.strip()
+    if path.lower() in ("", "none"):
+        return None
+    if "\0" in path:
+        raise ValueError("expected a file path, or none")
+    return os.path.expanduser(path)
+
+
+def to_auto_path(text: str) -> str | None:
+    """``auto`` (derived from other settings) or a file path."""
+    path = text.strip()
+    if path.lower() == "auto":
+        return None
+    if not path or "\0" in path:
+        raise ValueError("expected auto or a file path")
+    return os.path.expanduser(path)
+
+
+def to_logfile(text: str) -> str | None:
+    """``-`` (standard error) or a file path."""
+    path = text.strip()
+    if path == "-":
+        return None
+    if not path or "\0" in path:
+        raise ValueError("expected - (standard error) or a file path")
+    return os.path.expanduser(path)
+
+
+def to_uid(text: str) -> int | None:
+    """Empty (do not change) or an existing user name or uid."""
+    import pwd
+    name = text.strip()
+    if not name:
+        return None
+    try:
+        return pwd.getpwuid(int(name)).pw_uid if name.isdigit() else pwd.getpwnam(name).pw_uid
+    except KeyError:
+        raise ValueError("expected an existing user name or uid (or empty)") from None
+
+
+def to_gid(text: str) -> int | None:
+    """Empty (the user's group, or unchanged) or an existing group name or gid."""
+    import grp
+    name = text.strip()
+    if not name:
+        return None
+    try:
+        return grp.getgrgid(int(name)).gr_gid if name.isdigit() else grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise ValueError("expected an existing group name or gid (or empty)") from None
+
+
 @dataclass(frozen=True)
 class Setting:
     """One setting: where it lives, its default (as text), how to read it, what it does."""
@@ -218,6 +273,20 @@ SETTINGS: tuple[Setting, ...] = (
             "workers are not all replaced at once."),
     Setting("worker", "max_memory_per_child", "0", to_size_or_off,
             "Replace a worker whose resident memory (RSS) grows past this (0: never)."),
+    Setting("worker", "pidfile", "none", to_optional_path,
+            "File the master writes its pid to (removed at exit); a second master with "
+            "the same pidfile refuses to start."),
+    Setting("worker", "control_socket", "auto", to_auto_path,
+            "Unix socket (mode 0600) that `greentask status|reload|stop|scale` talk to. "
+            "auto: the pidfile's path plus .sock, or greentask-NAME-PORT.sock in the "
+            "temporary directory."),
+    Setting("worker", "logfile", "-", to_logfile,
+            "Where the master and workers log; SIGUSR1 reopens it (for logrotate)."),
+    Setting("worker", "user", "", to_uid,
+            "Run the workers as this user (the master keeps its user, to bind and to "
+            "supervise). Needs a master started as root."),
+    Setting("worker", "group", "", to_gid,
+            "Run the workers with this group (default: the user's primary group)."),
     Setting("worker", "loglevel", "info", to_loglevel,
             "Log level of the master and the workers."),
     Setting("worker", "debug", "false", to_bool,
@@ -319,6 +388,17 @@ def load(path: str | None = None, environ: Mapping[str, str] | None = None,
 
 
 _current: Config | None = None
+
+
+def control_socket_path(config: Config) -> str:
+    """Where the master's control socket is, for this config."""
+    worker = config.worker
+    if worker.control_socket:
+        return worker.control_socket
+    if worker.pidfile:
+        return worker.pidfile + ".sock"
+    port = worker.bind[1]
+    return os.path.join(tempfile.gettempdir(), f"greentask-{worker.name}-{port}.sock")
 
 
 def current() -> Config:

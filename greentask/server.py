@@ -47,6 +47,7 @@ from gevent.server import StreamServer
 from greentask import scoreboard
 from greentask.config import Config
 from greentask.errors import BadRequest, RemoteError, ShuttingDown, TaskError, TaskTimeout
+from greentask.logs import reopen_log_files
 from greentask.protocol import (
     LineDecoder,
     Request,
@@ -327,6 +328,7 @@ class Worker:
         gevent.signal_handler(signal.SIGTERM, self.stop_gracefully)
         gevent.signal_handler(signal.SIGINT, self.stop_now)
         gevent.signal_handler(signal.SIGQUIT, self.stop_now)
+        gevent.signal_handler(signal.SIGUSR1, reopen_log_files)
         self.server.start()
         self.slot.set(scoreboard.PID, os.getpid())
         self.slot.beat()

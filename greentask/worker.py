@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from greentask.arbiter import EXIT_BOOT_ERROR, EXIT_CONFIG, EXIT_OK, Arbiter
 from greentask.child import import_task_modules
 from greentask.config import Config, load
 from greentask.errors import ConfigError
-
-LOG_FORMAT = "%(asctime)s [%(process)d] [%(levelname)s] %(message)s"
+from greentask.logs import setup_logging
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -61,7 +59,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     if args.check:
         return check(config)
-    logging.basicConfig(level=config.worker.loglevel, format=LOG_FORMAT, stream=sys.stderr)
+    try:
+        setup_logging(config.worker.loglevel, config.worker.logfile)
+    except OSError as exc:
+        print(f"error: cannot open [worker] logfile {config.worker.logfile}: {exc.strerror}",
+              file=sys.stderr)
+        return EXIT_CONFIG
     return Arbiter(config, reload_config=lambda: load_config(args)).run()
 
 

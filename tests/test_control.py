@@ -1,0 +1,142 @@
+"""Operating a running daemon: status, reload, stop, scale, pidfile, log files, user."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ujson
+
+from greentask import TaskClient, TaskError
+
+from .conftest import ROOT, wait_until
+
+pytestmark = pytest.mark.timeout(60)
+
+GREENTASK = str(Path(sys.executable).with_name("greentask"))
+
+
+def greentask(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([GREENTASK, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=30)
+
+
+def test_status_shows_every_worker_and_counters_that_move(daemon):
+    result = greentask("status", "-c", str(daemon.config))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(f"greentask master [greentask] pid {daemon.pid}, listening at "
+                               f"{daemon.address}, generation 1, 2 worker processes wanted")
+    assert lines[1].split() == ["pid", "gen", "state", "rss", "conns", "inflight", "done",
+                                "failed", "timeouts", "tasks/s", "uptime"]
+    assert sorted(int(line.split()[0]) for line in lines[2:]) == sorted(daemon.children())
+    with TaskClient([daemon.address]) as client:
+        for i in range(30):
+            client.call("echo", i)
+        with pytest.raises(TaskError):
+            client.call("fail")
+        busy = client.submit("sleep", 2)
+        time.sleep(0.3)
+        status = ujson.loads(greentask("status", "-c", str(daemon.config), "--json").stdout)
+        assert busy.get() == 2
+    workers = status["workers"]
+    assert sum(w["done"] for w in workers) == 30
+    assert sum(w["failed"] for w in workers) == 1
+    assert sum(w["inflight"] for w in workers) == 1
+    assert all(w["state"] == "ready" and w["rss"] > 1_000_000 for w in workers)
+    assert all(w["heartbeat_age"] < 2 for w in workers)
+
+
+def test_reload_scale_and_stop_commands(daemon):
+    before = set(daemon.children())
+    assert greentask("reload", "-c", str(daemon.config)).stdout.strip() == "reload started"
+    daemon.wait_for_children(2, 15, exclude=before)
+    assert greentask("scale", "3", "-c", str(daemon.config)).returncode == 0
+    daemon.wait_for_children(3, 10)
+    result = greentask("scale", "0", "-c", str(daemon.config))
+    assert result.returncode == 2 and "at least 1" in result.stderr
+    assert greentask("stop", "-c", str(daemon.config)).stdout.strip() == "stop started"
+    assert daemon.wait(15) == 0
+
+
+def test_scale_refuses_nonsense(daemon):
+    from greentask.config import control_socket_path, load
+    from greentask.control import ControlError, send_command
+    path = control_socket_path(load(str(daemon.config)))
+    with pytest.raises(ControlError, match="at least 1"):
+        send_command(path, "scale", processes=0)
+    with pytest.raises(ControlError, match="unknown command 'restart'"):
+        send_command(path, "restart")
+
+
+def test_control_socket_is_private_and_removed_at_exit(make_daemon, tmp_path):
+    pidfile = tmp_path / "gt.pid"
+    daemon = make_daemon(pidfile=pidfile)
+    assert int(pidfile.read_text()) == daemon.pid
+    sock = Path(f"{pidfile}.sock")
+    assert stat.S_IMODE(sock.stat().st_mode) == 0o600
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(15) == 0
+    assert not pidfile.exists() and not sock.exists()
+
+
+def test_a_second_master_with_the_same_pidfile_refuses_to_start(make_daemon, tmp_path):
+    pidfile = tmp_path / "gt.pid"
+    make_daemon(pidfile=pidfile)
+    second = make_daemon(start=False, pidfile=pidfile)
+    second.start(wait=False)
+    assert second.wait(15) == 2
+    assert "is greentask already started?" in second.log()
+
+
+def test_status_without_a_daemon_says_what_to_do(tmp_path):
+    config = tmp_path / "w.ini"
+    config.write_text(f"[worker]\ncontrol_socket = {tmp_path}/nothing.sock\n")
+    result = greentask("status", "-c", str(config))
+    assert result.returncode == 1
+    assert "no greentask master answers" in result.stderr and "scripts/run" in result.stderr
+
+
+def test_usr1_reopens_the_log_file_after_rotation(make_daemon, tmp_path):
+    logfile = tmp_path / "greentask.log"
+    daemon = make_daemon(start=False, logfile=logfile)
+    daemon.start(wait=False)
+    wait_until(lambda: logfile.exists() and logfile.read_text().count("serving") == 2, 15,
+               "workers to log to the file")
+    logfile.rename(tmp_path / "greentask.log.1")
+    daemon.signal(signal.SIGUSR1)
+    wait_until(logfile.exists, 5, "a new log file")
+    with TaskClient([daemon.address]) as client:
+        for _ in range(2):  # a worker logs each failed task
+            with pytest.raises(TaskError):
+                client.call("fail", "after rotation")
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(15) == 0
+    text = logfile.read_text()
+    assert "log files reopened" in text and "exits with status 0" in text
+    assert "RuntimeError: after rotation" in text
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching user needs root")
+def test_workers_run_as_the_configured_user(make_daemon):
+    daemon = make_daemon(start=False, user="nobody", group="nogroup")
+    daemon.start(wait=False)
+    outcome = wait_until(lambda: daemon.proc.poll() is not None or
+                         daemon.log().count("serving") == 2, 20, "the workers to start or fail")
+    if daemon.proc.poll() is None:
+        for pid in daemon.children():
+            with open(f"/proc/{pid}/status") as status:
+                uids = next(line for line in status if line.startswith("Uid:")).split()[1:]
+            assert uids == ["65534"] * 4
+        assert os.stat(f"/proc/{daemon.pid}").st_uid == 0  # the master stays root
+    else:
+        # Where Python or this checkout is not readable by nobody, the workers
+        # cannot import their tasks once switched: the master says so and stops.
+        assert outcome and daemon.wait(5) == 3
+        assert "cannot import a [worker] tasks module" in daemon.log()
