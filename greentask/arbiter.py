@@ -59,6 +59,8 @@ FAST_STOP_TIMEOUT = 2.0
 ABORT_GRACE = 1.0
 #: A child that dies younger than this counts as a failed start (seconds).
 YOUNG_DEATH = 1.0
+#: Children in a row that may die young before the master gives up (status 3).
+MAX_YOUNG_DEATHS = 10
 #: Longest wait before restarting a child that keeps dying young (seconds).
 MAX_RESPAWN_DELAY = 5.0
 #: Seconds over which ``status`` measures each child's tasks per second.
@@ -319,13 +321,22 @@ class Arbiter:
         if code == EXIT_BOOT_ERROR:
             self._handle_boot_error(worker)
             return
-        log.warning("worker %d %s; starting a new one", worker.pid, how)
-        if time.monotonic() - worker.started_at < YOUNG_DEATH:
-            self._young_deaths += 1
-            delay = min(0.1 * 2 ** self._young_deaths, MAX_RESPAWN_DELAY)
-            self._respawn_at = time.monotonic() + delay
-        else:
+        if time.monotonic() - worker.started_at >= YOUNG_DEATH:
             self._young_deaths = 0
+            log.warning("worker %d %s; starting a new one", worker.pid, how)
+            return
+        self._young_deaths += 1
+        if self._young_deaths >= MAX_YOUNG_DEATHS:
+            log.error("worker %d %s, and the last %d workers all died within %g s of "
+                      "starting; stopping instead of looping. See the errors above",
+                      worker.pid, how, self._young_deaths, YOUNG_DEATH)
+            self.exit_code = EXIT_BOOT_ERROR
+            self.handle_quit()
+            return
+        delay = min(0.1 * 2 ** self._young_deaths, MAX_RESPAWN_DELAY)
+        self._respawn_at = time.monotonic() + delay
+        log.warning("worker %d %s soon after starting; starting a new one in %.1f s",
+                    worker.pid, how, delay)
 
     def _handle_boot_error(self, worker: WorkerProcess) -> None:
         older = [w for w in self.workers.values() if w.generation < worker.generation]

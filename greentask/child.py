@@ -17,6 +17,7 @@ import random
 import socket
 
 from greentask.config import Config, set_current
+from greentask.errors import GreentaskError
 
 log = logging.getLogger("greentask.worker")
 
@@ -35,10 +36,21 @@ def set_process_title(title: str) -> None:
     setproctitle(title)
 
 
+class TaskModuleError(GreentaskError):
+    """A ``[worker] tasks`` module does not import."""
+
+
 def import_task_modules(modules: list[str]) -> None:
-    """Import each task module, so its ``@task`` functions register."""
+    """Import each task module, so its ``@task`` functions register.
+
+    Raises :class:`TaskModuleError` naming the module and what it raised.
+    """
     for name in modules:
-        importlib.import_module(name)
+        try:
+            importlib.import_module(name)
+        except Exception as exc:
+            raise TaskModuleError(f"cannot import task module {name!r} (listed in [worker] "
+                                  f"tasks): {type(exc).__name__}: {exc}") from exc
 
 
 def drop_privileges(uid: int | None, gid: int | None) -> None:
@@ -76,9 +88,8 @@ def run_worker(listener: socket.socket, config: Config, master_pid: int, number:
         return EXIT_BOOT_ERROR
     try:
         import_task_modules(config.worker.tasks)
-    except Exception as exc:
-        log.error("worker %d cannot import a [worker] tasks module: %s: %s", os.getpid(),
-                  type(exc).__name__, exc, exc_info=True)
+    except TaskModuleError as exc:
+        log.error("worker %d %s", os.getpid(), exc, exc_info=exc.__cause__)
         return EXIT_BOOT_ERROR
     # A socket made before monkey-patching is not a gevent socket; serving it
     # as-is accepts nothing, so re-wrap its descriptor (as gunicorn's gevent

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from greentask.arbiter import EXIT_BOOT_ERROR, EXIT_CONFIG, EXIT_OK, Arbiter
-from greentask.child import import_task_modules
+from greentask.child import TaskModuleError, import_task_modules
 from greentask.config import Config, load
 from greentask.errors import ConfigError
 from greentask.logs import setup_logging
@@ -40,9 +40,8 @@ def check(config: Config) -> int:
     from greentask.registry import default_registry
     try:
         import_task_modules(config.worker.tasks)
-    except Exception as exc:
-        print(f"error: cannot import a [worker] tasks module: {type(exc).__name__}: {exc}",
-              file=sys.stderr)
+    except TaskModuleError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return EXIT_BOOT_ERROR
     print(f"config OK: {config.path or '(defaults)'}; tasks: "
           f"{', '.join(default_registry.names())}")

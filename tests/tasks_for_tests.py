@@ -36,3 +36,13 @@ def count_steps(n: int, delay: float = 0.0) -> int:
 def bad_progress() -> str:
     progress(object())
     return "unreachable"
+
+
+_held: list[bytes] = []
+
+
+@task
+def hold_memory(megabytes: int) -> int:
+    """Keep ``megabytes`` of written (resident) memory until the process exits."""
+    _held.append(b"x" * (megabytes * 1024 * 1024))
+    return len(_held)

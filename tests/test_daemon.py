@@ -239,7 +239,7 @@ def test_children_exit_when_the_master_is_killed(daemon):
     children = daemon.children()
     daemon.proc.kill()
     daemon.wait(5)
-    wait_until(lambda: not any(pid_alive(pid) for pid in children), 5, "orphans to exit")
+    wait_until(lambda: not any(pid_alive(pid) for pid in children), 2, "orphans to exit")
 
 
 def test_port_in_use_is_a_clear_error_and_exit_2(daemon):
@@ -255,3 +255,11 @@ def test_task_module_that_does_not_import_stops_the_master_with_3(make_daemon):
     assert daemon.wait(20) == 3
     assert "No module named 'no_such_task_module'" in daemon.log()
     assert "could not start" in daemon.log()
+
+
+def test_task_module_that_raises_is_named_with_its_exception(make_daemon):
+    daemon = make_daemon(start=False, tasks="greentask.examples.basic, tests.broken_tasks")
+    daemon.start(wait=False)
+    assert daemon.wait(20) == 3
+    assert ("cannot import task module 'tests.broken_tasks' (listed in [worker] tasks): "
+            "ValueError: DATABASE_URL is not set") in daemon.log()

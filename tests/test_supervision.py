@@ -154,4 +154,14 @@ def test_graceful_stop_is_bounded_by_graceful_timeout(make_daemon):
             with pytest.raises(WorkerLost):
                 handle.get(timeout=10)
     assert daemon.wait(10) == 0
-    assert time.monotonic() - started < 6
+    assert time.monotonic() - started < 4  # graceful_timeout 2 s, then the kill
+
+
+def test_max_memory_per_child_replaces_a_worker_that_grew(make_daemon):
+    daemon = make_daemon(max_memory_per_child="80MiB")
+    with TaskClient([daemon.address], connections_per_server=1) as client:
+        grown = client.call("pid")
+        client.call("hold_memory", 100)
+        daemon.wait_for_children(2, 10, exclude={grown})
+        assert client.call("echo", "after") == ["after"]
+    assert f"worker {grown} asks to be replaced: its RSS" in daemon.log()
