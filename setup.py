@@ -20,11 +20,11 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["greentask", "greentask.*"]),
-    package_data={"greentask": ["py.typed"]},
+    package_data={"greentask": ["py.typed", "static/*.html"]},
     install_requires=requirements(),
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "aiosmtpd>=1.4",
-                 "ruff>=0.6"],
+                 "ruff>=0.6", "websocket-client>=1.7"],
     },
     entry_points={"console_scripts": ["greentask = greentask.cli:main"]},
     classifiers=[

@@ -165,6 +165,30 @@ def to_text(text: str) -> str:
     return text.strip()
 
 
+def to_address_list(text: str) -> list[tuple[str, int]]:
+    """Comma-separated ``HOST:PORT`` addresses, at least one."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise ValueError("expected one or more HOST:PORT, separated by commas")
+    return [to_address(item) for item in items]
+
+
+def to_name_list(text: str) -> list[str]:
+    """Comma-separated task names (may be empty)."""
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def to_origin_list(text: str) -> list[str]:
+    """Comma-separated origins such as ``https://example.org``; ``*`` for any; empty for
+    the gateway's own origin only."""
+    origins = [origin.strip().rstrip("/") for origin in text.split(",") if origin.strip()]
+    for origin in origins:
+        if origin != "*" and "://" not in origin:
+            raise ValueError(f"{origin!r} is not an origin; expected scheme://host[:port], "
+                             "such as https://example.org, or *")
+    return origins
+
+
 def to_optional_path(text: str) -> str | None:
     """A file path, or ``none`` (or empty) for none."""
     path = text.strip()
@@ -292,6 +316,26 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("worker", "debug", "false", to_bool,
             "Include tracebacks in TaskError replies (never in production: they reveal "
             "your code)."),
+    Setting("gateway", "task_servers", "127.0.0.1:12345", to_address_list,
+            "Task servers the WebSocket gateway calls (failover in this order)."),
+    Setting("gateway", "expose", "echo, sleep, send_bulk", to_name_list,
+            "Tasks a browser may call; any other name gets an error event (the task port "
+            "may carry internal tasks)."),
+    Setting("gateway", "default_function", "echo", to_text,
+            "Task run for a message that is not JSON (the PHP original's case), with the "
+            "text as its argument; it must also be in expose."),
+    Setting("gateway", "max_message", "64KiB", to_size,
+            "Longest WebSocket message; a longer one (or a frame that announces more) "
+            "closes the socket with 1009 before it is buffered."),
+    Setting("gateway", "max_inflight_per_socket", "16", to_positive_int,
+            "Tasks one socket may have running; more get an Overloaded error event."),
+    Setting("gateway", "allowed_origins", "", to_origin_list,
+            "Origins whose pages may open /ws; empty: only pages served by the gateway "
+            "itself; * for any."),
+    Setting("gateway", "idle_timeout", "300", to_seconds,
+            "A socket that sends nothing for this long is closed (1000)."),
+    Setting("gateway", "call_timeout", "60", to_seconds,
+            "How long one task may take before the browser gets a Timeout error event."),
     Setting("smtp", "host", "127.0.0.1", to_host,
             "SMTP server the mail example tasks send through."),
     Setting("smtp", "port", "25", to_port,

@@ -42,7 +42,9 @@ def test_file_then_environment_then_flags(tmp_path):
     ("[worker]\ntasks = my-tasks\n", "'my-tasks' is not a module name"),
     ("[worker]\nmax_line = 1TB\n", "expected a positive size in bytes"),
     ("[smtp]\nport = 0\n", "[smtp] port = '0': expected a TCP port from 1 to 65535"),
-    ("[workers]\n", "unknown section [workers]; the sections are [worker], [smtp]"),
+    ("[workers]\n", "unknown section [workers]; the sections are [worker], [gateway], [smtp]"),
+    ("[gateway]\nallowed_origins = example.org\n", "'example.org' is not an origin"),
+    ("[gateway]\ntask_servers = \n", "expected one or more HOST:PORT"),
     ("[worker]\nproceses = 2\n", "[worker] proceses: unknown key; the keys of [worker] are"),
     ("processes = 2\n", "not a valid INI file"),
 ])

@@ -1,0 +1,294 @@
+"""The WebSocket gateway under real gunicorn, against a real task daemon."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import websocket
+
+from .conftest import ROOT, free_port, port_open, wait_until
+
+pytestmark = pytest.mark.timeout(90)
+
+GUNICORN = str(Path(sys.executable).with_name("gunicorn"))
+WORKER_CLASS = "geventwebsocket.gunicorn.workers.GeventWebSocketWorker"
+
+
+class Gateway:
+    """gunicorn with the design card's -k command line, stopped by pid in teardown."""
+
+    def __init__(self, tmp_path: Path, task_servers: str, use_conf_file: bool = False,
+                 **settings: object) -> None:
+        self.port = free_port()
+        lines = ["[gateway]", f"task_servers = {task_servers}"]
+        lines += [f"{key} = {value}" for key, value in settings.items()]
+        self.config = tmp_path / f"gateway-{self.port}.ini"
+        self.config.write_text("\n".join(lines) + "\n")
+        self.log_path = tmp_path / f"gateway-{self.port}.log"
+        log = open(self.log_path, "wb")
+        how = ["-c", "conf/gunicorn.conf.py"] if use_conf_file else \
+            ["-k", WORKER_CLASS, "--no-control-socket"]
+        self.proc = subprocess.Popen(
+            [GUNICORN, *how, "-b", f"127.0.0.1:{self.port}", "greentask.ws:app"], cwd=ROOT,
+            stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, "GREENTASK_CONFIG": str(self.config)})
+        log.close()
+        wait_until(lambda: port_open(self.port), 30, f"gunicorn\n{self.log()}")
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def connect(self, **options: object) -> websocket.WebSocket:
+        return websocket.create_connection(self.url, timeout=20, **options)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGQUIT)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+@pytest.fixture
+def make_gateway(tmp_path):
+    started = []
+
+    def make(daemon, **settings):
+        gateway = Gateway(tmp_path, daemon.address if daemon else settings.pop("task_servers"),
+                          **settings)
+        started.append(gateway)
+        return gateway
+
+    yield make
+    for gateway in started:
+        gateway.stop()
+
+
+def close_code(ws: websocket.WebSocket) -> int:
+    """Read until the server's close frame; return its code."""
+    while True:
+        opcode, data = ws.recv_data(control_frame=True)
+        if opcode == websocket.ABNF.OPCODE_CLOSE:
+            return struct.unpack("!H", data[:2])[0]
+
+
+def test_500_messages_on_10_sockets_each_get_their_final_event(daemon, make_gateway):
+    gateway = make_gateway(daemon, max_inflight_per_socket=50)
+    results: dict[int, list[dict]] = {}
+
+    def client(n: int) -> None:
+        ws = gateway.connect()
+        for i in range(50):
+            ws.send(json.dumps({"function": "echo", "args": {"n": n, "i": i},
+                                "id": f"{n}-{i}"}))
+        results[n] = [json.loads(ws.recv()) for _ in range(50)]
+        ws.close()
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(10)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    events = [event for n in range(10) for event in results[n]]
+    assert len(events) == 500
+    for event in events:
+        n, i = map(int, event["id"].split("-"))
+        assert event["event"] == "complete" and event["message"] == "task complete"
+        assert event["result"] == {"n": n, "i": i}
+    assert len({event["id"] for event in events}) == 500
+
+
+def test_plain_text_message_gets_plain_task_complete(daemon, make_gateway):
+    ws = make_gateway(daemon).connect()
+    ws.send("send a mail to 1000 users")
+    assert ws.recv() == "task complete"
+
+
+def test_progress_events_arrive_in_order_before_complete(make_daemon, make_gateway):
+    from aiosmtpd.controller import Controller
+    from aiosmtpd.handlers import Sink
+    controller = Controller(Sink(), hostname="127.0.0.1", port=free_port())
+    controller.start()
+    try:
+        daemon = make_daemon(smtp={"port": controller.port})
+        ws = make_gateway(daemon).connect()
+        recipients = [f"u{i}@example.org" for i in range(50)]
+        ws.send(json.dumps({"function": "send_bulk", "id": "b", "args": {
+            "recipients": recipients, "subject": "s", "body": "b"}}))
+        events = [json.loads(ws.recv()) for _ in range(51)]
+    finally:
+        controller.stop()
+    assert [e["progress"]["done"] for e in events[:50]] == list(range(1, 51))
+    assert events[50]["event"] == "complete"
+    assert events[50]["result"]["sent"] == 50
+
+
+@pytest.mark.parametrize("message, kind", [
+    ({"function": "cpu", "args": [1], "id": 1}, "NotExposed"),
+    ({"function": "sleep", "args": 5, "id": 2}, "BadRequest"),
+    ({"function": "sleep", "args": {"nope": 1}, "id": 3}, "BadArguments"),
+])
+def test_refused_messages_get_error_events_and_the_socket_keeps_serving(
+        daemon, make_gateway, message, kind):
+    ws = make_gateway(daemon).connect()
+    ws.send(json.dumps(message))
+    event = json.loads(ws.recv())
+    assert event["event"] == "error" and event["error"]["type"] == kind
+    assert event["id"] == message["id"]
+    ws.send(json.dumps({"function": "echo", "args": [1], "id": "next"}))
+    assert json.loads(ws.recv())["event"] == "complete"
+
+
+def test_task_errors_do_not_leak_details(daemon, make_gateway):
+    ws = make_gateway(daemon, expose="fail").connect()
+    ws.send(json.dumps({"function": "fail", "args": ["secret path /etc/x"], "id": 1}))
+    event = json.loads(ws.recv())
+    assert event["error"]["type"] == "TaskError"
+    assert "secret" not in event["error"]["message"]
+
+
+def test_too_many_in_flight_get_overloaded(daemon, make_gateway):
+    ws = make_gateway(daemon, max_inflight_per_socket=2).connect()
+    for i in range(4):
+        ws.send(json.dumps({"function": "sleep", "args": [0.5], "id": i}))
+    events = [json.loads(ws.recv()) for _ in range(4)]
+    kinds = sorted(e["event"] if e["event"] == "complete" else e["error"]["type"]
+                   for e in events)
+    assert kinds == ["Overloaded", "Overloaded", "complete", "complete"]
+
+
+def test_oversize_message_closes_with_1009_and_others_keep_working(daemon, make_gateway):
+    gateway = make_gateway(daemon, max_message="1KiB")
+    other = gateway.connect()
+    ws = gateway.connect()
+    ws.send("x" * 5000)
+    assert close_code(ws) == 1009
+    other.send(json.dumps({"function": "echo", "args": [1], "id": 1}))
+    assert json.loads(other.recv())["event"] == "complete"
+
+
+def test_invalid_utf8_closes_with_1007(daemon, make_gateway):
+    ws = make_gateway(daemon).connect()
+    ws.send(b"\xff\xfe", opcode=websocket.ABNF.OPCODE_TEXT)
+    assert close_code(ws) == 1007
+
+
+def test_fragmented_message_and_ping(daemon, make_gateway):
+    ws = make_gateway(daemon).connect()
+    ws.ping(b"hi")
+    opcode, data = ws.recv_data(control_frame=True)
+    assert (opcode, data) == (websocket.ABNF.OPCODE_PONG, b"hi")
+    text = json.dumps({"function": "echo", "args": ["frag"], "id": 9})
+    ws.send_frame(websocket.ABNF.create_frame(text[:10], websocket.ABNF.OPCODE_TEXT, fin=0))
+    ws.send_frame(websocket.ABNF.create_frame(text[10:], websocket.ABNF.OPCODE_CONT, fin=1))
+    assert json.loads(ws.recv())["result"] == ["frag"]
+
+
+def test_server_close_code_reaches_the_client(daemon, make_gateway):
+    ws = make_gateway(daemon, idle_timeout=0.5).connect()
+    assert close_code(ws) == 1000  # idle timeout
+
+
+def test_wrong_origin_is_refused_at_the_handshake(daemon, make_gateway):
+    gateway = make_gateway(daemon)
+    with pytest.raises(websocket.WebSocketBadStatusException) as info:
+        gateway.connect(origin="http://evil.example")
+    assert info.value.status_code == 403
+    gateway.connect(origin=f"http://127.0.0.1:{gateway.port}").close()
+    allowed = make_gateway(daemon, allowed_origins="https://app.example")
+    allowed.connect(origin="https://app.example").close()
+
+
+def test_task_server_down_then_back(make_daemon, make_gateway):
+    daemon = make_daemon(start=False)
+    gateway = make_gateway(None, task_servers=daemon.address)
+    ws = gateway.connect()
+    ws.send(json.dumps({"function": "echo", "args": [1], "id": 1}))
+    event = json.loads(ws.recv())
+    assert event["error"]["type"] == "ConnectionFailed"
+    assert gateway_health(gateway) == 503
+    daemon.start()
+    wait_until(lambda: gateway_health(gateway) == 200, 10, "healthz to recover")
+    ws.send(json.dumps({"function": "echo", "args": [2], "id": 2}))
+    assert json.loads(ws.recv())["result"] == [2]
+
+
+def gateway_health(gateway: Gateway) -> int:
+    import urllib.error
+    import urllib.request
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{gateway.port}/healthz", timeout=10) as r:
+            return r.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_demo_page_is_served(daemon, make_gateway):
+    import urllib.request
+    gateway = make_gateway(daemon)
+    with urllib.request.urlopen(f"http://127.0.0.1:{gateway.port}/", timeout=10) as page:
+        body = page.read().decode()
+    assert page.status == 200 and "send_bulk" in body and "/ws" in body
+
+
+def test_unmasked_client_frame_fails_the_connection_with_1002(daemon, make_gateway):
+    ws = make_gateway(daemon).connect()
+    ws.sock.sendall(b"\x81\x05hello")  # a text frame without the mask bit
+    assert close_code(ws) == 1002
+
+
+def test_large_replies_from_many_greenlets_never_interleave(daemon, make_gateway):
+    ws = make_gateway(daemon, max_message="256KiB", max_inflight_per_socket=40).connect()
+    blob = "z" * 60000
+    for i in range(40):
+        ws.send(json.dumps({"function": "echo", "args": [blob, i], "id": i}))
+    events = [json.loads(ws.recv()) for _ in range(40)]  # a torn frame would not parse
+    assert sorted(e["result"][1] for e in events) == list(range(40))
+    assert all(e["result"][0] == blob for e in events)
+
+
+def test_shipped_gunicorn_conf_serves_and_logs_requests(daemon, make_gateway):
+    gateway = make_gateway(daemon, use_conf_file=True)
+    ws = gateway.connect()
+    ws.send("hello")
+    assert ws.recv() == "task complete"
+    assert gateway_health(gateway) == 200
+    wait_until(lambda: "GET /healthz" in gateway.log(), 5, "the access log line")
+    assert '"GET /healthz HTTP/1.1" 200' in gateway.log()
+
+
+def test_malformed_key_is_400(daemon, make_gateway):
+    import http.client
+    gateway = make_gateway(daemon)
+    conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=10)
+    conn.request("GET", "/ws", headers={"Upgrade": "websocket", "Connection": "Upgrade",
+                                        "Sec-WebSocket-Version": "13",
+                                        "Sec-WebSocket-Key": "not base64!!"})
+    response = conn.getresponse()
+    assert response.status == 400
+    assert b"Sec-WebSocket-Key" in response.read()
+
+
+def test_unmask_matches_the_rfc_byte_by_byte_definition():
+    import random
+
+    from greentask.websocket import unmask
+    rng = random.Random(5)
+    for size in (0, 1, 3, 4, 5, 127, 1000):
+        payload = bytes(rng.randrange(256) for _ in range(size))
+        mask = bytes(rng.randrange(256) for _ in range(4))
+        assert unmask(payload, mask) == bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
