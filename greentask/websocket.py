@@ -1,7 +1,7 @@
 """Fixes for gevent-websocket 0.10.1, applied when :mod:`greentask.ws` is imported.
 
 gevent-websocket's last release is from 2017. Rather than copy it, greentask
-keeps a subclass of its ``WebSocket`` and wraps one handler method; each fix
+keeps a subclass of its ``WebSocket`` and wraps two handler methods; each fix
 is listed in ``docs/gateway.md`` with the defect it closes:
 
 - frames longer than ``max_message``, or messages whose fragments add up to

@@ -44,6 +44,8 @@ log = logging.getLogger("greentask.gateway")
 DEFAULT_CONFIG = "conf/worker.ini"
 #: Seconds /healthz waits for a task server's echo.
 HEALTH_TIMEOUT = 2.0
+#: How often a worker's gateway checks whether gunicorn is stopping it (seconds).
+STOP_POLL_INTERVAL = 0.5
 #: What a receive that timed out leaves in place of a message.
 _IDLE = object()
 
@@ -63,6 +65,9 @@ class Gateway:
         self.debug = config.worker.debug
         self._client: TaskClient | None = None
         self.dropped_results = 0
+        #: Open sockets of this worker process, told 1001 when it stops.
+        self.sockets: set[Any] = set()
+        self._watcher: gevent.Greenlet | None = None
         self.page = resources.files("greentask").joinpath("static/index.html").read_bytes()
         websocket.install(self.settings.max_message, self.origin_allowed)
 
@@ -119,6 +124,25 @@ class Gateway:
         """Read messages until the browser leaves; each runs in its own greenlet."""
         slots = BoundedSemaphore(self.settings.max_inflight_per_socket)
         running = gevent.pool.Group()
+        self.sockets.add(socket)
+        if self._watcher is None:
+            self._watcher = gevent.spawn(self._close_sockets_on_stop, socket.handler.server)
+        try:
+            self._read_messages(socket, slots, running)
+        finally:
+            self.sockets.discard(socket)
+
+    def _close_sockets_on_stop(self, server: Any) -> None:
+        # gunicorn stops a gevent worker by closing its server, then waits up
+        # to graceful_timeout for handlers to end: tell each browser at once
+        # (1001 going away) so it can reconnect to another worker.
+        while not server.closed:
+            gevent.sleep(STOP_POLL_INTERVAL)
+        for socket in list(self.sockets):
+            socket.close(websocket.CLOSE_GOING_AWAY, "server is stopping")
+
+    def _read_messages(self, socket: Any, slots: BoundedSemaphore,
+                       running: gevent.pool.Group) -> None:
         while True:
             message: Any = _IDLE
             with gevent.Timeout(self.settings.idle_timeout, False):

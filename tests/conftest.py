@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import ujson
+import websocket
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -227,3 +228,63 @@ def connect() -> Iterator[Callable[..., LineSocket]]:
     yield make
     for sock in sockets:
         sock.close()
+
+
+GUNICORN = str(Path(sys.executable).with_name("gunicorn"))
+WORKER_CLASS = "geventwebsocket.gunicorn.workers.GeventWebSocketWorker"
+
+
+class Gateway:
+    """gunicorn with the design card's -k command line, stopped by pid in teardown."""
+
+    def __init__(self, tmp_path: Path, task_servers: str, use_conf_file: bool = False,
+                 **settings: object) -> None:
+        self.port = free_port()
+        lines = ["[gateway]", f"task_servers = {task_servers}"]
+        lines += [f"{key} = {value}" for key, value in settings.items()]
+        self.config = tmp_path / f"gateway-{self.port}.ini"
+        self.config.write_text("\n".join(lines) + "\n")
+        self.log_path = tmp_path / f"gateway-{self.port}.log"
+        log = open(self.log_path, "wb")
+        how = ["-c", "conf/gunicorn.conf.py"] if use_conf_file else \
+            ["-k", WORKER_CLASS, "--no-control-socket"]
+        self.proc = subprocess.Popen(
+            [GUNICORN, *how, "-b", f"127.0.0.1:{self.port}", "greentask.ws:app"], cwd=ROOT,
+            stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, "GREENTASK_CONFIG": str(self.config)})
+        log.close()
+        wait_until(lambda: port_open(self.port), 30, f"gunicorn\n{self.log()}")
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def connect(self, **options: object) -> websocket.WebSocket:
+        return websocket.create_connection(self.url, timeout=20, **options)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGQUIT)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+@pytest.fixture
+def make_gateway(tmp_path):
+    started = []
+
+    def make(daemon, **settings):
+        gateway = Gateway(tmp_path, daemon.address if daemon else settings.pop("task_servers"),
+                          **settings)
+        started.append(gateway)
+        return gateway
+
+    yield make
+    for gateway in started:
+        gateway.stop()

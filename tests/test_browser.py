@@ -1,0 +1,66 @@
+"""A real browser (headless Chromium) uses the demo page against the whole stack."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.handlers import Sink
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+
+from .conftest import ROOT, free_port
+
+pytestmark = pytest.mark.timeout(120)
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+ARTIFACTS = ROOT / "test-artifacts"
+
+
+@pytest.fixture
+def browser(tmp_path):
+    assert shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER), \
+        "install Debian's chromium and chromium-driver (scripts/test does, as root)"
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+                 "--window-size=900,700"):
+        options.add_argument(flag)
+    service = Service(CHROMEDRIVER)
+    driver = webdriver.Chrome(service=service, options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        if service.process is not None and service.process.poll() is None:
+            service.process.kill()
+
+
+def test_demo_page_runs_send_bulk_to_completion(make_daemon, make_gateway, browser):
+    smtp = Controller(Sink(), hostname="127.0.0.1", port=free_port())
+    smtp.start()
+    try:
+        daemon = make_daemon(smtp={"port": smtp.port})
+        gateway = make_gateway(daemon)
+        browser.get(f"http://127.0.0.1:{gateway.port}/")
+        wait = WebDriverWait(browser, 30)
+        wait.until(lambda d: d.find_element(By.ID, "state").text == "connected")
+        count = browser.find_element(By.ID, "count")
+        count.clear()
+        count.send_keys("200")
+        browser.find_element(By.ID, "bulk").click()
+        row = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#tasks .task"))
+        wait.until(lambda d: row.find_element(By.TAG_NAME, "span").text == "task complete")
+        bar = row.find_element(By.TAG_NAME, "progress")
+        assert float(bar.get_attribute("value")) == float(bar.get_attribute("max"))
+        ARTIFACTS.mkdir(exist_ok=True)
+        browser.save_screenshot(str(ARTIFACTS / "gateway-send_bulk.png"))
+        assert (ARTIFACTS / "gateway-send_bulk.png").stat().st_size > 1000
+    finally:
+        smtp.stop()
