@@ -1,15 +1,19 @@
 /*
- * loadgen: a small epoll load generator for line protocols, used by scripts/bench.
+ * loadgen: a small epoll load generator, used by scripts/bench.
  *
- * Each of CONNECTIONS slots sends REQUEST (one line), waits for one reply line,
- * records the round trip, and sends again, for SECONDS. In "connect" mode each
- * slot opens a new TCP connection per request (the PHP original's pattern).
+ * CONNECTIONS slots each keep INFLIGHT requests outstanding: send REQUEST,
+ * and for every reply record the round trip and send it again, for SECONDS.
+ * Modes:
+ *   persistent  one JSON line per request, one line per reply (task port)
+ *   connect     the same, with a new TCP connection per request (INFLIGHT 1)
+ *   websocket   a WebSocket (GET /ws) per slot; REQUEST is sent as a masked
+ *               text frame and every text frame back counts as one reply
  * Prints one JSON object: count, errors, elapsed seconds, p50/p99 latency in
  * microseconds, and the CPU seconds this process used, so the reader can see
  * whether the generator itself was the bottleneck.
  *
  * Build: cc -O2 -o loadgen loadgen.c
- * Usage: loadgen HOST PORT CONNECTIONS SECONDS persistent|connect REQUEST_LINE
+ * Usage: loadgen HOST PORT CONNECTIONS SECONDS MODE REQUEST [INFLIGHT]
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -28,20 +32,28 @@
 #include <unistd.h>
 
 #define MAX_US 2000000 /* latency histogram range: 1 us buckets up to 2 s */
+#define MAX_INFLIGHT 64
+#define BUF_SIZE 16384
+
+enum mode { PERSISTENT, CONNECT, WEBSOCKET };
 
 typedef struct {
     int fd;
-    double sent_at;
-    size_t have; /* bytes of the current reply received so far (up to the newline) */
+    double sent_at[MAX_INFLIGHT]; /* send times of outstanding requests, oldest first */
+    int head, count;
+    size_t have;                  /* websocket: bytes of unparsed frames in buf */
+    unsigned char buf[BUF_SIZE];
 } slot_t;
 
 static struct sockaddr_in server;
-static const char *request;
+static char *request;
 static size_t request_len;
-static int reconnect_each;
+static enum mode mode;
+static int inflight = 1;
 static int epfd;
 static uint32_t *histogram;
 static long count, errors;
+static char host_header[128];
 
 static double now(void) {
     struct timespec ts;
@@ -49,14 +61,36 @@ static double now(void) {
     return ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
+static int websocket_handshake(int fd) {
+    char text[512], reply[4096];
+    int n = snprintf(text, sizeof text,
+                     "GET /ws HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\n"
+                     "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                     "Sec-WebSocket-Version: 13\r\n\r\n", host_header);
+    if (write(fd, text, (size_t)n) != n) return -1;
+    size_t got = 0;
+    while (got < sizeof reply - 1) {
+        ssize_t r = read(fd, reply + got, 1); /* byte by byte: stop exactly at the headers' end */
+        if (r <= 0) return -1;
+        got += (size_t)r;
+        reply[got] = 0;
+        if (got >= 4 && memcmp(reply + got - 4, "\r\n\r\n", 4) == 0)
+            return strstr(reply, " 101 ") ? 0 : -1;
+    }
+    return -1;
+}
+
 static int open_connection(void) {
     int fd = socket(AF_INET, SOCK_STREAM, 0);
     int one = 1;
+    struct timeval limit = {.tv_sec = 5};
     if (fd < 0) return -1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-    /* Blocking connect: on loopback it completes at once, and it keeps the
-       code short. The socket is made non-blocking afterwards. */
-    if (connect(fd, (struct sockaddr *)&server, sizeof server) < 0) {
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &limit, sizeof limit);
+    /* Blocking connect (and handshake): on loopback they complete at once and
+       it keeps the code short. The socket is made non-blocking afterwards. */
+    if (connect(fd, (struct sockaddr *)&server, sizeof server) < 0 ||
+        (mode == WEBSOCKET && websocket_handshake(fd) < 0)) {
         close(fd);
         return -1;
     }
@@ -68,11 +102,13 @@ static int send_request(slot_t *slot, int index) {
     if (slot->fd < 0) {
         slot->fd = open_connection();
         if (slot->fd < 0) return -1;
+        slot->head = slot->count = 0;
+        slot->have = 0;
         struct epoll_event ev = {.events = EPOLLIN, .data.u32 = (uint32_t)index};
         epoll_ctl(epfd, EPOLL_CTL_ADD, slot->fd, &ev);
     }
-    slot->sent_at = now();
-    slot->have = 0;
+    slot->sent_at[(slot->head + slot->count) % MAX_INFLIGHT] = now();
+    slot->count++;
     /* The request is small: one write fits the socket buffer. */
     if (write(slot->fd, request, request_len) != (ssize_t)request_len) return -1;
     return 0;
@@ -90,6 +126,47 @@ static void drop(slot_t *slot) {
     }
 }
 
+static void record_reply(slot_t *slot) {
+    if (!slot->count) return;
+    long us = (long)((now() - slot->sent_at[slot->head]) * 1e6);
+    histogram[us < MAX_US ? us : MAX_US]++;
+    count++;
+    slot->head = (slot->head + 1) % MAX_INFLIGHT;
+    slot->count--;
+}
+
+/* Count the complete replies in what was just read; returns how many. */
+static int take_replies(slot_t *slot, const unsigned char *data, size_t got) {
+    int replies = 0;
+    if (mode != WEBSOCKET) {
+        for (size_t i = 0; i < got; i++)
+            if (data[i] == '\n') replies++;
+        return replies;
+    }
+    if (slot->have + got > BUF_SIZE) return -1;
+    memcpy(slot->buf + slot->have, data, got);
+    slot->have += got;
+    size_t at = 0;
+    while (slot->have - at >= 2) {
+        const unsigned char *frame = slot->buf + at;
+        size_t length = frame[1] & 0x7f, header = 2;
+        if (length == 126) {
+            if (slot->have - at < 4) break;
+            length = (size_t)frame[2] << 8 | frame[3];
+            header = 4;
+        } else if (length == 127) {
+            return -1; /* replies here are small; a huge one is an error */
+        }
+        if (slot->have - at < header + length) break;
+        if ((frame[0] & 0x0f) == 1) replies++;
+        else if ((frame[0] & 0x0f) == 8) return -1; /* the server closed */
+        at += header + length;
+    }
+    memmove(slot->buf, slot->buf + at, slot->have - at);
+    slot->have -= at;
+    return replies;
+}
+
 static long percentile(double p) {
     long target = (long)(count * p), seen = 0;
     for (long us = 0; us < MAX_US; us++) {
@@ -99,56 +176,89 @@ static long percentile(double p) {
     return MAX_US;
 }
 
+static void build_request(const char *text) {
+    size_t n = strlen(text);
+    request = malloc(n + 16);
+    if (mode != WEBSOCKET) {
+        sprintf(request, "%s\n", text);
+        request_len = n + 1;
+        return;
+    }
+    /* A masked text frame; the all-zero mask leaves the payload as it is. */
+    unsigned char *frame = (unsigned char *)request;
+    size_t at = 0;
+    frame[at++] = 0x81;
+    if (n < 126) {
+        frame[at++] = 0x80 | (unsigned char)n;
+    } else {
+        frame[at++] = 0x80 | 126;
+        frame[at++] = (unsigned char)(n >> 8);
+        frame[at++] = (unsigned char)n;
+    }
+    memset(frame + at, 0, 4);
+    at += 4;
+    memcpy(frame + at, text, n);
+    request_len = at + n;
+}
+
 int main(int argc, char **argv) {
-    if (argc != 7) {
-        fprintf(stderr, "usage: %s HOST PORT CONNECTIONS SECONDS persistent|connect LINE\n",
-                argv[0]);
+    if (argc != 7 && argc != 8) {
+        fprintf(stderr, "usage: %s HOST PORT CONNECTIONS SECONDS "
+                        "persistent|connect|websocket REQUEST [INFLIGHT]\n", argv[0]);
         return 2;
     }
     server.sin_family = AF_INET;
     server.sin_port = htons((uint16_t)atoi(argv[2]));
     inet_pton(AF_INET, argv[1], &server.sin_addr);
+    snprintf(host_header, sizeof host_header, "%s:%s", argv[1], argv[2]);
     int connections = atoi(argv[3]);
     double seconds = atof(argv[4]);
-    reconnect_each = strcmp(argv[5], "connect") == 0;
-    char *line = malloc(strlen(argv[6]) + 2);
-    sprintf(line, "%s\n", argv[6]);
-    request = line;
-    request_len = strlen(line);
+    mode = strcmp(argv[5], "connect") == 0 ? CONNECT :
+           strcmp(argv[5], "websocket") == 0 ? WEBSOCKET : PERSISTENT;
+    if (argc == 8) inflight = atoi(argv[7]);
+    if (inflight < 1 || inflight > MAX_INFLIGHT || (mode == CONNECT && inflight != 1)) {
+        fprintf(stderr, "INFLIGHT must be 1..%d (1 with connect)\n", MAX_INFLIGHT);
+        return 2;
+    }
+    build_request(argv[6]);
     histogram = calloc(MAX_US + 1, sizeof *histogram);
     slot_t *slots = calloc((size_t)connections, sizeof *slots);
     epfd = epoll_create1(0);
 
     for (int i = 0; i < connections; i++) {
         slots[i].fd = -1;
-        if (send_request(&slots[i], i) < 0) errors++;
+        for (int k = 0; k < inflight; k++)
+            if (send_request(&slots[i], i) < 0) { errors++; drop(&slots[i]); break; }
     }
     double start = now(), deadline = start + seconds;
     struct epoll_event events[512];
-    char buffer[65536];
+    unsigned char buffer[65536];
     while (now() < deadline) {
         int n = epoll_wait(epfd, events, 512, 100);
         for (int e = 0; e < n; e++) {
             int i = (int)events[e].data.u32;
             slot_t *slot = &slots[i];
             ssize_t got = read(slot->fd, buffer, sizeof buffer);
-            if (got <= 0) {
-                if (got < 0 && errno == EAGAIN) continue;
+            if (got < 0 && errno == EAGAIN) continue;
+            int replies = got > 0 ? take_replies(slot, buffer, (size_t)got) : -1;
+            if (replies < 0) {
                 errors++;
                 drop(slot);
-                if (send_request(slot, i) < 0) { errors++; drop(slot); }
-                continue;
+                continue; /* reopened below */
             }
-            if (!memchr(buffer, '\n', (size_t)got)) { slot->have += (size_t)got; continue; }
-            long us = (long)((now() - slot->sent_at) * 1e6);
-            histogram[us < MAX_US ? us : MAX_US]++;
-            count++;
-            if (reconnect_each) drop(slot);
-            if (send_request(slot, i) < 0) { errors++; drop(slot); }
+            for (int r = 0; r < replies; r++) {
+                record_reply(slot);
+                if (mode == CONNECT) drop(slot);
+                if (send_request(slot, i) < 0) { errors++; drop(slot); break; }
+            }
         }
-        /* Slots whose connect failed are retried here. */
-        for (int i = 0; i < connections; i++)
-            if (slots[i].fd < 0 && send_request(&slots[i], i) < 0) { errors++; drop(&slots[i]); }
+        /* Slots whose connection failed or closed start over here. */
+        for (int i = 0; i < connections; i++) {
+            if (slots[i].fd >= 0) continue;
+            slots[i].count = 0;
+            for (int k = 0; k < inflight; k++)
+                if (send_request(&slots[i], i) < 0) { errors++; drop(&slots[i]); break; }
+        }
     }
     double elapsed = now() - start;
     struct rusage usage;

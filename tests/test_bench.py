@@ -28,3 +28,18 @@ def test_bench_prints_a_row_per_scenario_without_errors():
     for cells in rows:
         assert int(cells[2].replace(",", "")) > 0  # tasks/s
         assert cells[7].strip() == "0"  # errors
+
+
+def test_bench_gateway_mode_prints_a_row_per_worker_count():
+    result = subprocess.run(
+        [sys.executable, "scripts/bench", "--gateway", "--seconds", "0.5", "--runs", "1",
+         "--sockets", "4", "--inflight", "2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=150)
+    assert result.returncode == 0, result.stderr
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines()
+            if line.startswith("| gateway")]
+    assert [cells[0].strip() for cells in rows] == [
+        "gateway echo, 1 worker(s), S=4 x M=2", "gateway echo, 2 worker(s), S=4 x M=2"]
+    for cells in rows:
+        assert int(cells[2].replace(",", "")) > 0
+        assert cells[7].strip() == "0"

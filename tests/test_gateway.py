@@ -238,3 +238,22 @@ def test_graceful_stop_tells_open_sockets_1001(daemon, make_gateway):
     gateway.proc.send_signal(signal.SIGTERM)
     assert close_code(ws) == 1001
     assert gateway.proc.wait(10) == 0
+
+
+def test_client_close_code_is_echoed(daemon, make_gateway):
+    ws = make_gateway(daemon).connect()
+    ws.send_close(4001, b"bye")
+    assert close_code(ws) == 4001
+
+
+def test_browser_that_vanishes_mid_task_does_not_hurt_the_gateway(daemon, make_gateway):
+    gateway = make_gateway(daemon)
+    for _ in range(20):
+        ws = gateway.connect()
+        ws.send(json.dumps({"function": "sleep", "args": [0.3], "id": 1}))
+        ws.sock.close()  # no close frame, like a tab that crashed
+    other = gateway.connect()
+    other.send(json.dumps({"function": "sleep", "args": [0.5], "id": 2}))
+    assert json.loads(other.recv())["event"] == "complete"
+    assert gateway.proc.poll() is None
+    assert "Traceback" not in gateway.log()
