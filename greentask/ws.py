@@ -9,7 +9,7 @@ of :mod:`greentask.websocket`); each text message is a JSON request
 :class:`~greentask.client.TaskClient` per gunicorn worker process (pooled,
 pipelined connections to ``[gateway] task_servers``). The greenlet relays
 progress as ``{"id", "event": "progress", "progress"}`` and ends with exactly
-one ``complete`` or ``error`` event. A message that is not JSON runs
+one ``complete`` or ``error`` event. A message that does not start with ``{`` runs
 ``default_function`` with its text and is answered with the plain text
 ``task complete``, as the PHP original does. ``GET /`` is a demo page and
 ``GET /healthz`` says whether a task server answers.
@@ -164,14 +164,16 @@ class Gateway:
         try:
             if isinstance(message, bytes):
                 message = message.decode("utf-8", "replace")
+            if not message.lstrip().startswith("{"):
+                self._run_plain(socket, message)
+                return
             try:
                 request = ujson.loads(message)
-            except ValueError:
-                request = None
-            if isinstance(request, dict):
-                self._run_request(socket, request)
-            else:
-                self._run_plain(socket, message)
+            except ValueError as exc:
+                self._send(socket, error_event(None, "BadRequest", f"not valid JSON ({exc}); "
+                                               'send {"function": ..., "args": ..., "id": ...}'))
+                return
+            self._run_request(socket, request)
         finally:
             slots.release()
 

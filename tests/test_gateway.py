@@ -73,6 +73,20 @@ def test_progress_events_arrive_in_order_before_complete(make_daemon, make_gatew
     assert events[50]["result"]["sent"] == 50
 
 
+def test_broken_json_gets_bad_request(daemon, make_gateway):
+    ws = make_gateway(daemon).connect()
+    ws.send('{"function": "echo", "args": [1]')
+    event = json.loads(ws.recv())
+    assert event["error"]["type"] == "BadRequest" and "not valid JSON" in event["error"]["message"]
+
+
+def test_frame_announcing_2_to_the_62_bytes_closes_with_1009_without_reading(daemon,
+                                                                            make_gateway):
+    ws = make_gateway(daemon).connect()
+    ws.sock.sendall(b"\x81\xff" + struct.pack("!Q", 2 ** 62) + b"\x00\x00\x00\x00")
+    assert close_code(ws) == 1009
+
+
 @pytest.mark.parametrize("message, kind", [
     ({"function": "cpu", "args": [1], "id": 1}, "NotExposed"),
     ({"function": "sleep", "args": 5, "id": 2}, "BadRequest"),
