@@ -271,3 +271,20 @@ def test_browser_that_vanishes_mid_task_does_not_hurt_the_gateway(daemon, make_g
     assert json.loads(other.recv())["event"] == "complete"
     assert gateway.proc.poll() is None
     assert "Traceback" not in gateway.log()
+
+
+def test_pongs_never_land_inside_data_frames(daemon, make_gateway):
+    ws = make_gateway(daemon, max_message="256KiB", max_inflight_per_socket=30).connect()
+    blob = "p" * 50000
+    for i in range(30):
+        ws.send(json.dumps({"function": "echo", "args": [blob, i], "id": i}))
+        ws.ping(str(i))
+    texts, pongs = [], []
+    while len(texts) < 30 or len(pongs) < 30:
+        opcode, data = ws.recv_data(control_frame=True)
+        if opcode == websocket.ABNF.OPCODE_PONG:
+            pongs.append(data.decode())
+        else:
+            texts.append(json.loads(data))  # a pong inside would break the JSON
+    assert sorted(pongs, key=int) == [str(i) for i in range(30)]
+    assert sorted(t["result"][1] for t in texts) == list(range(30))
