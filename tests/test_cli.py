@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 import ujson
+import websocket
 
-from .conftest import ROOT, free_port, port_open, wait_until
+from .conftest import ROOT, children_of, free_port, pid_alive, port_open, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -80,23 +81,34 @@ def test_readme_commands_work_as_written(tmp_path):
     """scripts/run, then the README's greentask calls, on a free port via the environment."""
     commands = readme_commands()
     assert commands[:2] == ["scripts/run", "scripts/test"]
-    port = free_port()
+    port, gateway_port = free_port(), free_port()
     env = {**os.environ, "GREENTASK_WORKER_BIND": f"127.0.0.1:{port}",
-           "GREENTASK_WORKER_PROCESSES": "2"}
+           "GREENTASK_WORKER_PROCESSES": "2", "GREENTASK_RUN_DIR": str(tmp_path / "run"),
+           "GREENTASK_GATEWAY_TASK_SERVERS": f"127.0.0.1:{port}",
+           "GUNICORN_CMD_ARGS": f"--bind 127.0.0.1:{gateway_port}"}
     log = open(tmp_path / "run.log", "wb")
     run = subprocess.Popen(["scripts/run"], cwd=ROOT, env=env, stdout=log,
                            stderr=subprocess.STDOUT)
     try:
-        wait_until(lambda: port_open(port), 120, "scripts/run to serve")
+        wait_until(lambda: port_open(port) and port_open(gateway_port), 120,
+                   "scripts/run to serve")
         for command in commands[2:]:
             result = subprocess.run(command, shell=True, cwd=ROOT, env=env, capture_output=True,
                                     text=True, timeout=60)
             assert result.returncode == 0, (command, result.stderr)
             assert result.stdout.strip(), command
+        ws = websocket.create_connection(f"ws://127.0.0.1:{gateway_port}/ws", timeout=20)
+        ws.send("hello from the README test")
+        assert ws.recv() == "task complete"
+        ws.close()
+        programs = children_of(run.pid)
+        assert len(programs) == 2  # the task daemon's master and gunicorn's
     finally:
         run.send_signal(signal.SIGTERM)
-        assert run.wait(30) == 0
+        assert run.wait(60) == 0
         log.close()
+    wait_until(lambda: not any(pid_alive(pid) for pid in programs), 10, "programs to exit")
+    assert "demo page  http://127.0.0.1:8080/" in (tmp_path / "run.log").read_text()
 
 
 def test_readme_python_example_runs(daemon):

@@ -1,0 +1,119 @@
+"""Deployment recipes run for real: supervisord, the Dockerfile's commands, HAProxy."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import websocket
+
+from greentask import TaskClient
+
+from .conftest import ROOT, children_of, free_port, pid_alive, port_open, wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+BIN = Path(sys.executable).parent
+
+
+def descendants(pid: int) -> list[int]:
+    found = []
+    for child in children_of(pid):
+        found += [child, *descendants(child)]
+    return found
+
+
+class Supervisord:
+    """The shipped conf/supervisord.conf on free ports, stopped by pid in teardown."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.port, self.gateway_port = free_port(), free_port()
+        self.env = {**os.environ, "GREENTASK_RUN_DIR": str(tmp_path / "run"),
+                    "GREENTASK_WORKER_BIND": f"127.0.0.1:{self.port}",
+                    "GREENTASK_WORKER_PROCESSES": "2",
+                    "GREENTASK_WORKER_GRACEFUL_TIMEOUT": "5",
+                    "GREENTASK_GATEWAY_TASK_SERVERS": f"127.0.0.1:{self.port}",
+                    "GUNICORN_CMD_ARGS": f"--bind 127.0.0.1:{self.gateway_port}"}
+        (tmp_path / "run").mkdir()
+        self.proc = subprocess.Popen([str(BIN / "supervisord"), "-c", "conf/supervisord.conf"],
+                                     cwd=ROOT, env=self.env, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.STDOUT)
+
+    def ctl(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "supervisorctl"), "-c", "conf/supervisord.conf", *args],
+                              cwd=ROOT, env=self.env, capture_output=True, text=True,
+                              timeout=60)
+
+    def stop(self) -> None:
+        pids = descendants(self.proc.pid)
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        for pid in pids:
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def supervisord(tmp_path):
+    running = Supervisord(tmp_path)
+    yield running
+    running.stop()
+
+
+def test_supervisord_runs_reloads_drains_and_shuts_down(supervisord):
+    def both_running() -> bool:
+        status = supervisord.ctl("status").stdout
+        return status.count("RUNNING") == 2
+    wait_until(both_running, 60, "both programs RUNNING")
+    wait_until(lambda: port_open(supervisord.port) and port_open(supervisord.gateway_port), 30,
+               "both ports")
+    ws = websocket.create_connection(f"ws://127.0.0.1:{supervisord.gateway_port}/ws",
+                                     timeout=20)
+    ws.send("hello")
+    assert ws.recv() == "task complete"
+    ws.close()
+
+    errors, done = [], []
+    stop = threading.Event()
+    with TaskClient([f"127.0.0.1:{supervisord.port}"], timeout=20) as client:
+        def caller() -> None:
+            while not stop.is_set():
+                try:
+                    done.append(client.call("echo", 1))
+                except Exception as exc:  # counted: the test asserts there are none
+                    errors.append(repr(exc))
+        callers = [threading.Thread(target=caller) for _ in range(20)]
+        for thread in callers:
+            thread.start()
+        time.sleep(1)
+        assert supervisord.ctl("signal", "HUP", "greentask-worker").returncode == 0
+        time.sleep(3)
+        stop.set()
+        for thread in callers:
+            thread.join(30)
+        assert errors == [] and len(done) > 100
+        status = subprocess.run([str(BIN / "greentask"), "status"], env=supervisord.env,
+                                capture_output=True, text=True, timeout=30, cwd=ROOT)
+        assert "generation 2" in status.stdout
+
+        handles = [client.submit("sleep", 1) for _ in range(20)]
+        time.sleep(0.3)
+        stopped = supervisord.ctl("stop", "greentask-worker")
+        assert "stopped" in stopped.stdout
+        assert [handle.get(timeout=10) for handle in handles] == [1] * 20
+
+    pids = descendants(supervisord.proc.pid)
+    assert pids  # the gateway's master and workers
+    assert "Shut down" in supervisord.ctl("shutdown").stdout
+    assert supervisord.proc.wait(30) == 0
+    wait_until(lambda: not any(pid_alive(pid) for pid in pids), 10, "no process left")
