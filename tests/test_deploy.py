@@ -117,3 +117,83 @@ def test_supervisord_runs_reloads_drains_and_shuts_down(supervisord):
     assert "Shut down" in supervisord.ctl("shutdown").stdout
     assert supervisord.proc.wait(30) == 0
     wait_until(lambda: not any(pid_alive(pid) for pid in pids), 10, "no process left")
+
+
+def dockerfile():
+    from dockerfile_parse import DockerfileParser
+    return DockerfileParser(path=str(ROOT / "Dockerfile"))
+
+
+def instructions(parser, name: str) -> list[str]:
+    return [i["value"] for i in parser.structure if i["instruction"] == name]
+
+
+def test_dockerfile_matches_the_project():
+    import json
+    parser = dockerfile()
+    assert parser.baseimage == f"python:{sys.version_info.major}.{sys.version_info.minor}-slim"
+    assert "python_requires=\">=3.11\"" in (ROOT / "setup.py").read_text()
+    assert instructions(parser, "USER") == ["greentask"]
+    assert instructions(parser, "EXPOSE")[0].split() == ["12345", "8080"]
+    assert instructions(parser, "STOPSIGNAL") == ["SIGTERM"]
+    assert json.loads(instructions(parser, "CMD")[0]) == [
+        "python", "-m", "greentask.worker", "-c", "conf/worker.ini"]
+    assert '"greentask", "call", "echo"' in instructions(parser, "HEALTHCHECK")[0]
+    for value in instructions(parser, "COPY"):
+        for source in value.split()[:-1]:
+            assert (ROOT / source).exists(), source
+
+
+def test_compose_file_runs_a_gateway_against_the_worker_service():
+    import yaml
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    gateway = compose["services"]["gateway"]
+    assert "greentask.ws:app" in gateway["command"]
+    assert gateway["environment"]["GREENTASK_GATEWAY_TASK_SERVERS"] == "worker:12345"
+    assert "worker" in compose["services"]
+
+
+def test_the_dockerfile_install_and_start_commands_work_in_a_fresh_venv(tmp_path):
+    """What the image runs, run here: the RUN's pip install, the CMD, the HEALTHCHECK."""
+    import json
+    import shlex
+    import shutil
+    parser = dockerfile()
+    app = tmp_path / "app"
+    app.mkdir()
+    for value in instructions(parser, "COPY"):
+        *sources, target = value.split()
+        for source in sources:
+            destination = app / target / Path(source).name if target.endswith("/") else \
+                app / target
+            copy = shutil.copytree if (ROOT / source).is_dir() else shutil.copy
+            copy(ROOT / source, destination)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    env = {**os.environ, "PATH": f"{venv / 'bin'}:{os.environ['PATH']}",
+           "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    env.pop("PYTHONPATH", None)
+    install = [part.strip() for part in instructions(parser, "RUN")[0].split("&&")
+               if part.strip().startswith("pip install")]
+    assert install == ["pip install --no-cache-dir ."]
+    subprocess.run(shlex.split(install[0]), cwd=app, env=env, check=True, timeout=600,
+                   capture_output=True)
+    port = free_port()
+    env.update(parser.envs)
+    env["GREENTASK_WORKER_BIND"] = f"127.0.0.1:{port}"  # tests stay on loopback
+    command = json.loads(instructions(parser, "CMD")[0])
+    daemon = subprocess.Popen(command, cwd=app, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: port_open(port), 30, "the image's CMD to serve")
+        healthcheck = instructions(parser, "HEALTHCHECK")[0].split("CMD", 1)[1]
+        result = subprocess.run(json.loads(healthcheck), cwd=app, env=env,
+                                capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == "[]"
+    finally:
+        children = children_of(daemon.pid)
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(30) == 0
+        for pid in children:
+            assert not pid_alive(pid)
