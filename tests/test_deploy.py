@@ -197,3 +197,75 @@ def test_the_dockerfile_install_and_start_commands_work_in_a_fresh_venv(tmp_path
         assert daemon.wait(30) == 0
         for pid in children:
             assert not pid_alive(pid)
+
+
+class HAProxy:
+    """The shipped conf/haproxy.cfg with its frontend and servers moved to free ports."""
+
+    def __init__(self, tmp_path: Path, backends: list[str]) -> None:
+        haproxy = "/usr/sbin/haproxy"
+        assert os.path.exists(haproxy), "install Debian's haproxy (scripts/test does, as root)"
+        self.port = free_port()
+        lines = []
+        for line in (ROOT / "conf" / "haproxy.cfg").read_text().splitlines():
+            if line.strip().startswith("bind "):
+                line = f"    bind 127.0.0.1:{self.port}"
+            if line.strip().startswith("server "):
+                if not backends:
+                    continue
+                line = f"    server task{len(backends)} {backends.pop()} check"
+            lines.append(line)
+        self.config = tmp_path / "haproxy.cfg"
+        self.config.write_text("\n".join(lines) + "\n")
+        self.log_path = tmp_path / "haproxy.log"
+        log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen([haproxy, "-db", "-f", str(self.config)],
+                                     stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        wait_until(lambda: port_open(self.port), 10, "haproxy")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def test_haproxy_spreads_calls_and_survives_a_dead_host(make_daemon, tmp_path):
+    from greentask import WorkerLost
+    daemons = [make_daemon() for _ in range(3)]
+    proxy = HAProxy(tmp_path, [d.address for d in daemons])
+    try:
+        wait_until(lambda: "DOWN" not in proxy.log(), 5, "all hosts up")
+        time.sleep(1.5)  # the first checks pass
+        victim = daemons[1]
+        outcomes = {True: [], False: []}
+        served_by = set()
+        with TaskClient([f"127.0.0.1:{proxy.port}"], connections_per_server=9,
+                        timeout=30) as client:
+            for batch in range(10):
+                handles = [(i % 2 == 0, client.submit("sleep", 0.02, retry=i % 2 == 0))
+                           for i in range(500)]
+                if batch == 5:  # kill one host while its share of the batch runs
+                    for pid in [victim.pid, *victim.children()]:
+                        os.kill(pid, signal.SIGKILL)
+                for retry, handle in handles:
+                    try:
+                        outcomes[retry].append(handle.get(timeout=30))
+                    except WorkerLost:
+                        outcomes[retry].append("lost")
+                if batch == 0:
+                    served_by |= {client.call("pid") for _ in range(60)}
+        assert len(outcomes[True]) + len(outcomes[False]) == 5000
+        assert outcomes[True] == [0.02] * 2500  # retry=True: every call succeeded
+        assert set(outcomes[False]) == {0.02, "lost"}  # only the killed host's tasks
+        assert len(served_by) >= 3  # children of more than one host answered
+        wait_until(lambda: "is DOWN" in proxy.log(), 5, "haproxy to mark the host down")
+        assert "task" in proxy.log()
+    finally:
+        proxy.stop()
