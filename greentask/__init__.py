@@ -7,18 +7,19 @@ process can fork before a hub exists.
 
 from greentask.client import TaskClient, TaskHandle
 from greentask.errors import (
-                              BadArguments,
-                              BadRequest,
-                              ConfigError,
-                              ConnectionFailed,
-                              GreentaskError,
-                              RemoteError,
-                              ShuttingDown,
-                              TaskError,
-                              TaskTimeout,
-                              TooLarge,
-                              UnknownFunction,
-                              WorkerLost,
+    BadArguments,
+    BadRequest,
+    ConfigError,
+    ConnectionFailed,
+    GreentaskError,
+    RemoteError,
+    ShuttingDown,
+    TaskError,
+    TaskTimeout,
+    TooLarge,
+    Unauthorized,
+    UnknownFunction,
+    WorkerLost,
 )
 from greentask.registry import progress, task
 
@@ -27,5 +28,5 @@ __version__ = "0.1.0"
 __all__ = [
     "BadArguments", "BadRequest", "ConfigError", "ConnectionFailed", "GreentaskError",
     "RemoteError", "ShuttingDown", "TaskClient", "TaskError", "TaskHandle", "TaskTimeout",
-    "TooLarge", "UnknownFunction", "WorkerLost", "progress", "task",
+    "TooLarge", "Unauthorized", "UnknownFunction", "WorkerLost", "progress", "task",
 ]

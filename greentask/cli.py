@@ -79,11 +79,13 @@ def call(args: argparse.Namespace) -> int:
     """``greentask call``."""
     try:
         task_args = _parse_task_args(args.args)
+        config = load(args.config)
         servers = args.server
         if not servers:
-            host, port = load(args.config).worker.bind
+            host, port = config.worker.bind
             servers = [f"{host}:{port}"]
-        client = TaskClient(servers, timeout=args.timeout)
+        client = TaskClient(servers, timeout=args.timeout,
+                            auth_token=config.worker.auth_token_file)
     except (ValueError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE

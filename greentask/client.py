@@ -38,7 +38,7 @@ from greentask.errors import (
     TaskTimeout,
     WorkerLost,
 )
-from greentask.protocol import LineDecoder, Reply, encode_request, parse_reply
+from greentask.protocol import LineDecoder, Reply, encode_hello, encode_request, parse_reply
 
 log = logging.getLogger("greentask.client")
 
@@ -124,11 +124,15 @@ class _SendFailed(Exception):
 class _Connection:
     """One persistent connection and the thread that reads its replies."""
 
-    def __init__(self, address: tuple[str, int], connect_timeout: float) -> None:
+    def __init__(self, address: tuple[str, int], connect_timeout: float,
+                 auth_token: str | None = None) -> None:
         self.address = address
         self.sock = socket.create_connection(address, timeout=connect_timeout)
         self.sock.settimeout(None)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if auth_token is not None:
+            # No reply on success: requests may follow at once.
+            self.sock.sendall(encode_hello(auth_token))
         self.alive = True
         self.draining = False
         self._pending: dict[int, TaskHandle] = {}
@@ -236,15 +240,18 @@ class TaskClient:
     ``servers``: ``"HOST:PORT"`` strings, tried in turn (round-robin, and on
     failure the next one). ``timeout``: default seconds a call waits for its
     result; also sent to the server, which stops the task after it.
+    ``auth_token``: the servers' shared token, when they require one.
     """
 
     def __init__(self, servers: Iterable[str] = ("127.0.0.1:12345",), timeout: float = 30.0,
-                 connect_timeout: float = 5.0, connections_per_server: int = 2) -> None:
+                 connect_timeout: float = 5.0, connections_per_server: int = 2,
+                 auth_token: str | None = None) -> None:
         self.servers = [_parse_server(server) for server in servers]
         if not self.servers:
             raise ValueError("TaskClient needs at least one server, such as '127.0.0.1:12345'")
         self.timeout = timeout
         self.connect_timeout = connect_timeout
+        self._auth_token = auth_token
         self._target = connections_per_server * len(self.servers)
         self._connections: list[_Connection] = []
         self._down_until: dict[tuple[str, int], float] = {}
@@ -346,7 +353,8 @@ class TaskClient:
         errors = []
         for address in up or candidates:
             try:
-                self._connections.append(_Connection(address, self.connect_timeout))
+                self._connections.append(_Connection(address, self.connect_timeout,
+                                                     self._auth_token))
                 return []
             except OSError as exc:
                 self._down_until[address] = now + DOWN_RETRY_DELAY

@@ -189,6 +189,34 @@ def to_origin_list(text: str) -> list[str]:
     return origins
 
 
+class Secret(str):
+    """A string that does not show itself in reprs (logs, tracebacks)."""
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+
+def to_secret_file(text: str) -> Secret | None:
+    """``none``, or a file (mode 0600 or stricter) holding a shared token."""
+    path = text.strip()
+    if path.lower() in ("", "none"):
+        return None
+    try:
+        mode = os.stat(path).st_mode
+        with open(path, encoding="utf-8") as file:
+            token = file.read().strip()
+    except OSError as exc:
+        raise ValueError(f"cannot read the token file: {exc.strerror}") from None
+    if mode & 0o077:
+        raise ValueError(f"the token file can be read by others (mode {mode & 0o777:o}); "
+                         "run chmod 600 on it")
+    if len(token) < 16:
+        raise ValueError("the token file must hold a token of at least 16 characters, "
+                         "such as the output of: python -c 'import secrets; "
+                         "print(secrets.token_urlsafe())'")
+    return Secret(token)
+
+
 def to_optional_path(text: str) -> str | None:
     """A file path, or ``none`` (or empty) for none."""
     path = text.strip()
@@ -282,6 +310,18 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("worker", "max_line", "1MiB", to_size,
             "Longest request line; a longer one is answered with TooLarge and the "
             "connection is closed."),
+    Setting("worker", "auth_token_file", "none", to_secret_file,
+            "File holding a shared token; when set, a connection must send it first "
+            "({\"auth\": TOKEN}) or is answered Unauthorized and closed."),
+    Setting("worker", "max_connections", "10000", to_positive_int,
+            "Connections one process serves at once; when full it stops accepting and "
+            "the kernel queues new ones for its siblings."),
+    Setting("worker", "idle_timeout", "300", to_seconds,
+            "A connection with no task running that sends nothing, or half a line, for "
+            "this long is closed (pipelining peers are told first)."),
+    Setting("worker", "max_inflight_per_connection", "1000", to_positive_int,
+            "Tasks one connection may have running; past it the server stops reading that "
+            "connection until one finishes."),
     Setting("worker", "task_timeout", "300", to_seconds,
             "Longest run of one task; a request's own timeout can only shorten it."),
     Setting("worker", "graceful_timeout", "30", to_seconds,
@@ -334,6 +374,9 @@ SETTINGS: tuple[Setting, ...] = (
             "itself; * for any."),
     Setting("gateway", "idle_timeout", "300", to_seconds,
             "A socket that sends nothing for this long is closed (1000)."),
+    Setting("gateway", "auth_token_file", "none", to_secret_file,
+            "The task servers' token file, when they require one ([worker] "
+            "auth_token_file)."),
     Setting("gateway", "call_timeout", "60", to_seconds,
             "How long one task may take before the browser gets a Timeout error event."),
     Setting("smtp", "host", "127.0.0.1", to_host,

@@ -84,6 +84,12 @@ class TooLarge(RemoteError):
     wire_type = "TooLarge"
 
 
+class Unauthorized(RemoteError):
+    """The connection did not present the shared token; the server closes it."""
+
+    wire_type = "Unauthorized"
+
+
 class ShuttingDown(RemoteError):
     """The server process is stopping; the task was not run and may be sent elsewhere."""
 
@@ -94,7 +100,7 @@ class ShuttingDown(RemoteError):
 WIRE_TYPES: dict[str, type[RemoteError]] = {
     cls.wire_type: cls
     for cls in (BadRequest, UnknownFunction, BadArguments, TaskError, TaskTimeout, TooLarge,
-                ShuttingDown)
+                Unauthorized, ShuttingDown)
 }
 
 

@@ -204,6 +204,22 @@ def encode_progress(request_id: RequestId, value: Any) -> bytes:
     return _line({"progress": value}, request_id)
 
 
+def encode_hello(token: str) -> bytes:
+    """The first line of a connection to a server that requires a token."""
+    return ujson.dumps({"auth": token}).encode() + b"\n"
+
+
+def parse_hello(line: bytes) -> str | None:
+    """The token of a hello line, or None when the line is not a hello."""
+    try:
+        obj = ujson.loads(line)
+    except ValueError:
+        return None
+    if isinstance(obj, dict) and len(obj) == 1 and isinstance(obj.get("auth"), str):
+        return obj["auth"]
+    return None
+
+
 def encode_closing() -> bytes:
     """The notice a stopping server sends a pipelining peer: finish, then close."""
     return b'{"closing":true}\n'

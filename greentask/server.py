@@ -29,6 +29,7 @@ monkey-patched (see :mod:`greentask.arbiter`).
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 import signal
@@ -42,11 +43,19 @@ import gevent
 import greenlet
 from gevent.event import Event
 from gevent.lock import Semaphore
+from gevent.pool import Pool
 from gevent.server import StreamServer
 
 from greentask import scoreboard
 from greentask.config import Config
-from greentask.errors import BadRequest, RemoteError, ShuttingDown, TaskError, TaskTimeout
+from greentask.errors import (
+    BadRequest,
+    RemoteError,
+    ShuttingDown,
+    TaskError,
+    TaskTimeout,
+    Unauthorized,
+)
 from greentask.logs import reopen_log_files
 from greentask.protocol import (
     LineDecoder,
@@ -55,6 +64,7 @@ from greentask.protocol import (
     encode_error,
     encode_progress,
     encode_result,
+    parse_hello,
     parse_request,
 )
 from greentask.registry import Registry, call_task, progress_sink
@@ -69,6 +79,8 @@ LINGER_SECONDS = 2.0
 #: Idle task greenlets always kept for reuse (each holds about 20 KiB); above
 #: this, each heartbeat frees those the last interval's peak did not need.
 IDLE_RUNNERS_FLOOR = 64
+#: After telling an idle pipelining peer to close, how long to wait for it (seconds).
+IDLE_GRACE = 10.0
 #: Longest time between two heartbeats; each also checks that the master lives
 #: and reads the RSS (seconds).
 HEARTBEAT_INTERVAL = 1.0
@@ -86,9 +98,19 @@ def resident_memory() -> int:
 class Connection:
     """One peer: read request lines, start their tasks, send the replies."""
 
-    def __init__(self, worker: Worker, sock: socket.socket) -> None:
+    def __init__(self, worker: Worker, sock: socket.socket, peer: str) -> None:
         self.worker = worker
         self.sock = sock
+        self.peer = peer
+        #: False until the peer sent the token, when the server requires one.
+        self.authenticated = worker.auth_token is None
+        #: Set to stop reading: the connection closes once its replies are out.
+        self.closing = False
+        self._told_closing = False
+        self._partial_since: float | None = None
+        self._max_inflight = worker.config.worker.max_inflight_per_connection
+        self._below_limit = Event()
+        self._below_limit.set()
         self.decoder = LineDecoder(worker.config.worker.max_line)
         self.writer = ReplyWriter(sock, worker.count_dropped)
         self.send = self.writer.send
@@ -131,21 +153,68 @@ class Connection:
 
     def _read_loop(self) -> None:
         writable = self.writer.writable
-        while not self.writer.broken:
+        # Also bounds how long a reply may wait for a peer that does not read.
+        self.sock.settimeout(self.worker.config.worker.idle_timeout)
+        while not self.writer.broken and not self.closing:
             writable.wait()
             try:
                 data = self.sock.recv(RECV_SIZE)
+            except TimeoutError:
+                if self._handle_idle():
+                    return
+                continue
             except OSError:
                 return
             if not data:
                 return
             for line in self.decoder.feed(data):
+                if self.closing:
+                    break
                 self._handle_line(line)
             if self.decoder.too_large:
                 self.send(encode_error(None, self.decoder.too_large_error()))
                 return
+            if self._half_line_too_old():
+                return
+
+    def _half_line_too_old(self) -> bool:
+        """True (and the peer told) when half a line has waited past idle_timeout."""
+        if not self.decoder.buffered:
+            self._partial_since = None
+            return False
+        now = time.monotonic()
+        if self._partial_since is None:
+            self._partial_since = now
+            return False
+        limit = self.worker.config.worker.idle_timeout
+        if now - self._partial_since <= limit:
+            return False
+        self.send(encode_error(None, TaskTimeout(
+            f"a request line stayed incomplete for more than {limit:g} s ([worker] "
+            "idle_timeout); the connection is closed")))
+        return True
+
+    def _handle_idle(self) -> bool:
+        """The peer sent nothing for idle_timeout; return True to close now."""
+        if self.inflight:
+            return False  # still working for it
+        if self.uses_ids and not self._told_closing:
+            # A pipelining client keeps connections for reuse: ask it to close,
+            # so no request of its is in flight when the connection goes.
+            self._told_closing = True
+            self.send(encode_closing())
+            self.sock.settimeout(IDLE_GRACE)
+            return False
+        if not self.uses_ids:
+            self.send(encode_error(None, TaskTimeout(
+                f"no complete request for {self.worker.config.worker.idle_timeout:g} s "
+                "([worker] idle_timeout); the connection is closed")))
+        return True
 
     def _handle_line(self, line: bytes) -> None:
+        if not self.authenticated:
+            self._authenticate(line)
+            return
         try:
             request = parse_request(line)
         except BadRequest as exc:
@@ -163,6 +232,9 @@ class Connection:
         except RemoteError as exc:
             self.send(encode_error(request.id, exc))
             return
+        if self.inflight >= self._max_inflight:
+            self._below_limit.clear()
+            self._below_limit.wait()  # backpressure: this peer's requests wait in TCP
         self.inflight += 1
         self._idle.clear()
         if request.id is None:
@@ -178,6 +250,22 @@ class Connection:
             self.inflight -= 1
             if not self.inflight:
                 self._idle.set()
+            if self.inflight < self._max_inflight:
+                self._below_limit.set()
+
+    def _authenticate(self, line: bytes) -> None:
+        token = parse_hello(line)
+        expected = self.worker.auth_token
+        assert expected is not None
+        if token is not None and hmac.compare_digest(token.encode(), expected):
+            self.authenticated = True
+            return
+        self.worker.note_auth_failure(self.peer)
+        self.send(encode_error(None, Unauthorized(
+            'this server requires a token: send {"auth": TOKEN} as the first line '
+            "(TaskClient(auth_token=...), or [gateway] auth_token_file); the connection is "
+            "closed")))
+        self.closing = True
 
     def _progress_sink(self, request: Request) -> Callable[[Any], None] | None:
         if not request.progress:
@@ -206,7 +294,13 @@ class Worker:
         self._loop = gevent.get_hub().loop
         self._no_tasks = Event()
         self._no_tasks.set()
-        self.server = StreamServer(listener, self.handle_connection)
+        # A full pool stops this process accepting; the kernel queues new
+        # connections for its siblings (or until one closes).
+        self.server = StreamServer(listener, self.handle_connection,
+                                   spawn=Pool(config.worker.max_connections))
+        token = config.worker.auth_token_file
+        self.auth_token: bytes | None = token.encode() if token else None
+        self._auth_failures: dict[str, int] = {}
         # Several processes share this listener: take one connection per wake-up
         # so a busy process does not grab a burst that idle siblings could serve.
         self.server.max_accept = 1
@@ -218,7 +312,7 @@ class Worker:
     def handle_connection(self, sock: socket.socket, address: Any) -> None:
         """StreamServer handler: serve one connection until it ends."""
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        connection = Connection(self, sock)
+        connection = Connection(self, sock, str(address[0]) if address else "?")
         self.connections.add(connection)
         self.slot.add(scoreboard.CONNECTIONS)
         try:
@@ -226,6 +320,13 @@ class Worker:
         finally:
             self.connections.discard(connection)
             self.slot.add(scoreboard.CONNECTIONS, -1)
+
+    def note_auth_failure(self, peer: str) -> None:
+        """Count a failed authentication; log the 1st, 10th, 100th... from each peer."""
+        failures = self._auth_failures[peer] = self._auth_failures.get(peer, 0) + 1
+        if failures == 10 ** (len(str(failures)) - 1):
+            log.warning("worker %d: connection from %s without the right token (%d time%s)",
+                        os.getpid(), peer, failures, "" if failures == 1 else "s")
 
     def count_dropped(self, replies: int) -> None:
         """Count replies whose peer was gone."""

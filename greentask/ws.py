@@ -76,7 +76,8 @@ class Gateway:
         """The task client, made on first use (after gunicorn forked this worker)."""
         if self._client is None:
             servers = [f"{host}:{port}" for host, port in self.settings.task_servers]
-            self._client = TaskClient(servers, timeout=self.settings.call_timeout)
+            self._client = TaskClient(servers, timeout=self.settings.call_timeout,
+                                      auth_token=self.settings.auth_token_file)
         return self._client
 
     def origin_allowed(self, environ: dict[str, Any]) -> bool:

@@ -46,3 +46,20 @@ def hold_memory(megabytes: int) -> int:
     """Keep ``megabytes`` of written (resident) memory until the process exits."""
     _held.append(b"x" * (megabytes * 1024 * 1024))
     return len(_held)
+
+
+_running = 0
+_peak = 0
+
+
+@task
+def gauge(seconds: float) -> int:
+    """Sleep; return the most tasks of this process seen running at once so far."""
+    global _running, _peak
+    _running += 1
+    _peak = max(_peak, _running)
+    try:
+        time.sleep(seconds)
+    finally:
+        _running -= 1
+    return _peak

@@ -1,0 +1,146 @@
+"""The task port under hostile or careless peers: tokens, idle and half-open
+connections, per-connection and per-process limits."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from greentask import TaskClient, Unauthorized
+
+from .conftest import ROOT, wait_until
+
+pytestmark = pytest.mark.timeout(60)
+
+TOKEN = "s3cret-token-for-the-tests-0123456789"
+
+
+@pytest.fixture
+def token_file(tmp_path):
+    path = tmp_path / "token"
+    path.write_text(TOKEN + "\n")
+    path.chmod(0o600)
+    return path
+
+
+@pytest.fixture
+def secured(make_daemon, token_file):
+    return make_daemon(auth_token_file=token_file)
+
+
+def test_requests_without_the_token_are_refused_and_the_connection_closed(secured, connect):
+    conn = connect(secured.port)
+    conn.send(b'{"function": "pid", "id": 1}\n{"function": "pid", "id": 2}\n')
+    reply = conn.read_json()
+    assert reply["error"]["type"] == "Unauthorized"
+    assert '{"auth": TOKEN}' in reply["error"]["message"]
+    assert conn.at_eof()  # and the second request was not run either
+    wrong = connect(secured.port)
+    wrong.send(b'{"auth": "guess"}\n{"function": "pid"}\n')
+    assert wrong.read_json()["error"]["type"] == "Unauthorized"
+    assert wrong.at_eof()
+
+
+def test_the_right_token_opens_the_connection(secured, connect):
+    conn = connect(secured.port)
+    conn.send(json.dumps({"auth": TOKEN}) + "\n")
+    assert conn.call({"function": "echo", "args": [1]}) == {"ok": True, "result": [1]}
+    with TaskClient([secured.address], auth_token=TOKEN) as client:
+        assert client.call("echo", 2) == [2]
+    with TaskClient([secured.address]) as client, pytest.raises(Unauthorized):
+        client.call("echo", 3)
+
+
+def test_cli_reads_the_token_file_from_the_config(secured):
+    greentask = str(Path(sys.executable).with_name("greentask"))
+    result = subprocess.run([greentask, "call", "echo", "[4]", "-c", str(secured.config)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[4]"
+
+
+def test_failures_are_logged_without_the_token(make_daemon, token_file, connect):
+    secured = make_daemon(processes=1, auth_token_file=token_file)  # counts are per process
+    for _ in range(10):
+        conn = connect(secured.port)
+        conn.send(b'{"auth": "%s-wrong"}\n' % TOKEN.encode())
+        assert conn.read_json()["error"]["type"] == "Unauthorized"
+    wait_until(lambda: "(10 times)" in secured.log(), 5, "the tenth failure logged")
+    assert "from 127.0.0.1 without the right token (1 time)" in secured.log()
+    assert TOKEN not in secured.log()
+
+
+def test_a_token_file_others_can_read_is_refused(tmp_path, token_file):
+    token_file.chmod(0o644)
+    result = subprocess.run([sys.executable, "-m", "greentask.worker", "--check"], cwd=ROOT,
+                            env={**os.environ, "GREENTASK_WORKER_AUTH_TOKEN_FILE": str(token_file)},
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "can be read by others (mode 644); run chmod 600 on it" in result.stderr
+    assert TOKEN not in result.stderr
+
+
+def test_gateway_uses_the_token(secured, make_gateway, token_file):
+    ws = make_gateway(secured, auth_token_file=token_file).connect()
+    ws.send(json.dumps({"function": "echo", "args": [5], "id": 5}))
+    assert json.loads(ws.recv())["result"] == [5]
+
+
+def test_half_a_line_for_longer_than_idle_timeout_is_closed(make_daemon, connect):
+    daemon = make_daemon(idle_timeout=1)
+    slow = connect(daemon.port)
+    for byte in b'{"function": "ec':  # slowloris: a byte now and then, never a line
+        slow.send(bytes([byte]))
+        time.sleep(0.15)
+        if byte == ord("c"):
+            break
+    reply = slow.read_json()
+    assert reply["error"]["type"] == "Timeout"
+    assert "incomplete" in reply["error"]["message"] or "no complete request" in \
+        reply["error"]["message"]
+    assert slow.at_eof()
+    silent = connect(daemon.port)
+    assert "idle_timeout" in silent.read_json()["error"]["message"]
+    assert silent.at_eof()
+
+
+def test_idle_pipelining_client_is_asked_to_close_and_reconnects(make_daemon):
+    daemon = make_daemon(idle_timeout=0.5)
+    with TaskClient([daemon.address], connections_per_server=1) as client:
+        assert client.call("echo", 1) == [1]
+        first = client._connections[0]
+        wait_until(lambda: not first.alive, 5, "the idle connection to close")
+        assert client.call("echo", 2) == [2]
+    assert "Traceback" not in daemon.log()
+
+
+def test_max_inflight_per_connection_holds_requests_back_without_dropping(make_daemon,
+                                                                           connect):
+    daemon = make_daemon(processes=1, max_inflight_per_connection=2)
+    conn = connect(daemon.port, timeout=20)
+    conn.send(b"".join(b'{"function":"gauge","args":[0.1],"id":%d}\n' % i for i in range(8)))
+    replies = [conn.read_json() for _ in range(8)]
+    assert sorted(r["id"] for r in replies) == list(range(8))
+    assert max(r["result"] for r in replies) == 2
+
+
+def test_max_connections_makes_extra_peers_wait_not_fail(make_daemon, connect):
+    daemon = make_daemon(processes=1, max_connections=2)
+    first, second = connect(daemon.port), connect(daemon.port)
+    for conn in (first, second):
+        assert conn.call({"function": "echo", "args": [0]})["ok"]
+    third = connect(daemon.port)
+    third.send_json({"function": "echo", "args": [3]})
+    third.sock.settimeout(0.5)
+    with pytest.raises(socket.timeout):
+        third.read_line()  # queued by the kernel, not served yet
+    first.close()
+    third.sock.settimeout(10)
+    assert third.read_json() == {"ok": True, "result": [3]}
