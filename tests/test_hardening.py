@@ -144,3 +144,151 @@ def test_max_connections_makes_extra_peers_wait_not_fail(make_daemon, connect):
     first.close()
     third.sock.settimeout(10)
     assert third.read_json() == {"ok": True, "result": [3]}
+
+
+BAD = ROOT / "tests" / "data" / "bad"
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory):
+    """One daemon that the whole hostile corpus is thrown at."""
+    from .conftest import Daemon
+    daemon = Daemon(tmp_path_factory.mktemp("hostile"), max_line="1MiB").start()
+    yield daemon
+    daemon.stop()
+
+
+def replies_until_closed(conn) -> list[dict]:
+    """Every reply line until the server closes (after our half-close)."""
+    lines = []
+    while True:
+        try:
+            lines.append(json.loads(conn.read_line()))
+        except EOFError:
+            return lines
+
+
+def assert_still_serving(daemon, children: list[int]) -> None:
+    with TaskClient([daemon.address], timeout=10) as client:
+        assert client.call("echo", "alive") == ["alive"]
+    assert sorted(daemon.children()) == sorted(children)  # no worker crashed
+
+
+@pytest.mark.parametrize("case", sorted(BAD.glob("*.bin")), ids=lambda path: path.name)
+def test_hostile_corpus_whole_and_chunked(target, connect, case):
+    import random
+    children = target.children()
+    data = case.read_bytes()
+    rng = random.Random(case.name)
+    for chunked in (False, True):
+        conn = connect(target.port, timeout=20)
+        if chunked:
+            at = 0
+            while at < len(data):
+                size = rng.randint(1, 7)
+                conn.send(data[at:at + size])
+                at += size
+        else:
+            conn.send(data)
+        conn.sock.shutdown(socket.SHUT_WR)
+        for reply in replies_until_closed(conn):
+            assert "ok" in reply and (reply["ok"] or reply["error"]["type"] in (
+                "BadRequest", "UnknownFunction", "TaskError", "TooLarge"))
+    assert_still_serving(target, children)
+
+
+def rss_of(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/statm") as statm:
+            total += int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return total
+
+
+def test_100_mb_without_a_newline_costs_no_memory(target, connect):
+    children = target.children()
+    before = rss_of(children)
+    conn = connect(target.port, timeout=20)
+    chunk = b"x" * (1024 * 1024)
+    try:
+        for _ in range(100):
+            conn.send(chunk)
+    except ConnectionError:
+        pass  # the server stopped reading once it had answered
+    assert conn.read_json()["error"]["type"] == "TooLarge"
+    assert rss_of(children) - before < 16 * 1024 * 1024
+    assert_still_serving(target, children)
+
+
+def test_ten_thousand_requests_in_one_write_and_one_byte_at_a_time(target, connect):
+    children = target.children()
+    conn = connect(target.port, timeout=30)
+    conn.send(b"".join(b'{"function":"echo","args":[%d],"id":%d}\n' % (i, i)
+                       for i in range(10000)))
+    ids = sorted(conn.read_json()["id"] for _ in range(10000))
+    assert ids == list(range(10000))
+    for byte in b'{"function": "echo", "args": ["bytewise"]}\n':
+        conn.send(bytes([byte]))
+    assert conn.read_json() == {"ok": True, "result": ["bytewise"]}
+    assert_still_serving(target, children)
+
+
+@pytest.mark.timeout(90)
+def test_chaos_a_child_killed_every_second_under_200_callers(make_daemon):
+    import signal as signals
+    import threading
+
+    from greentask import WorkerLost
+    daemon = make_daemon()
+    stop = threading.Event()
+    outcomes: dict[bool, list[str]] = {True: [], False: []}
+    with TaskClient([daemon.address], timeout=15, connections_per_server=4) as client:
+        def caller(retry: bool) -> None:
+            while not stop.is_set():
+                try:
+                    client.call("sleep", 0.05, retry=retry)
+                    outcomes[retry].append("ok")
+                except WorkerLost:
+                    outcomes[retry].append("lost")
+                except Exception as exc:  # counted: asserted empty below
+                    outcomes[retry].append(repr(exc))
+        callers = [threading.Thread(target=caller, args=(i % 2 == 0,)) for i in range(200)]
+        for thread in callers:
+            thread.start()
+        for _ in range(20):
+            time.sleep(1)
+            children = daemon.children()
+            if children:
+                os.kill(children[0], signals.SIGKILL)
+        stop.set()
+        for thread in callers:
+            thread.join(30)
+        assert not any(thread.is_alive() for thread in callers)  # nothing hung
+    assert set(outcomes[True]) == {"ok"}
+    assert set(outcomes[False]) <= {"ok", "lost"} and "lost" in outcomes[False]
+    assert len(outcomes[True]) > 1000
+    daemon.wait_for_children(2, 10)
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@pytest.mark.timeout(120)
+def test_soak_200000_calls_keep_memory_and_descriptors_flat(make_daemon):
+    daemon = make_daemon()
+    with TaskClient([daemon.address], timeout=30, connections_per_server=2) as client:
+        def batch(count: int) -> None:
+            handles = [client.submit("echo", i) for i in range(count)]
+            assert [h.get() for h in handles] == [[i] for i in range(count)]
+        for _ in range(4):
+            batch(5000)  # warm-up: pools, runners, allocator arenas
+        pids = [daemon.pid, *daemon.children()]
+        rss_before = {pid: rss_of([pid]) for pid in pids}
+        fds_before = {pid: fd_count(pid) for pid in pids}
+        for _ in range(36):
+            batch(5000)
+        time.sleep(1.5)  # a heartbeat trims idle runners
+        for pid in pids:
+            assert rss_of([pid]) - rss_before[pid] < 8 * 1024 * 1024, pid
+            assert fd_count(pid) <= fds_before[pid], pid
