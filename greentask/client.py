@@ -160,6 +160,8 @@ class _Connection:
                 self.sock.sendall(line)
             except OSError as exc:
                 del self._pending[request_id]
+                # Dead, though the reader may not have seen it yet: send no more here.
+                self.draining = True
                 raise _SendFailed(str(exc)) from None
 
     def close(self) -> None:
