@@ -25,6 +25,7 @@ child. A second TERM during a graceful stop turns it fast.
 
 from __future__ import annotations
 
+import collections
 import errno
 import logging
 import os
@@ -41,6 +42,7 @@ from greentask.config import Config, control_socket_path
 from greentask.control import ControlError, ControlServer, remove_pidfile, write_pidfile
 from greentask.errors import ConfigError, GreentaskError
 from greentask.logs import reopen_log_files
+from greentask.metrics import MetricsServer
 
 log = logging.getLogger("greentask.master")
 
@@ -117,6 +119,8 @@ class WorkerProcess:
     aborted_at: float | None = None
     #: (time, tasks done) a few seconds ago, for the tasks/s of ``status``.
     rate_sample: tuple[float, float] = (0.0, 0.0)
+    #: Why it was retired (reload, recycle, scale), for the restart metrics.
+    retire_cause: str = ""
 
 
 class Arbiter:
@@ -145,6 +149,11 @@ class Arbiter:
         self._numbers = 0
         self._started_at = time.monotonic()
         self.control: ControlServer | None = None
+        self.metrics: MetricsServer | None = None
+        #: Counters of workers that have exited, so totals never go backwards.
+        self.totals = [0.0] * len(scoreboard.FIELDS)
+        #: Workers replaced, by cause.
+        self.restarts: collections.Counter[str] = collections.Counter()
 
     @property
     def stopping(self) -> bool:
@@ -159,6 +168,9 @@ class Arbiter:
                 write_pidfile(pidfile)
             self.listener = bind_listener(self.config.worker.bind)
             self.control = ControlServer(control_socket_path(self.config), self.handle_command)
+            if self.config.worker.metrics_bind:
+                self.metrics = MetricsServer(self.config.worker.metrics_bind,
+                                             self.metrics_snapshot)
         except (BindError, ControlError, OSError) as exc:
             log.error("%s", exc)
             if self.listener is not None:
@@ -184,6 +196,8 @@ class Arbiter:
         finally:
             self.listener.close()
             self.control.close()
+            if self.metrics is not None:
+                self.metrics.close()
             if pidfile:
                 remove_pidfile(pidfile)
         log.info("master %d exits with status %d", os.getpid(), self.exit_code)
@@ -207,12 +221,16 @@ class Arbiter:
         if self._signals:
             return
         assert self.control is not None
+        servers = [self.control] if self.metrics is None else [self.control, self.metrics]
+        timeout = min(server.timeout(LOOP_INTERVAL) for server in servers)
         try:
-            readable, _, _ = select.select([self._wakeup_r, *self.control.fds()], [], [],
-                                           self.control.timeout(LOOP_INTERVAL))
+            readable, _, _ = select.select(
+                [self._wakeup_r, *(fd for server in servers for fd in server.fds())], [], [],
+                timeout)
         except InterruptedError:
             return
-        self.control.serve(readable)
+        for server in servers:
+            server.serve(readable)
         try:
             while os.read(self._wakeup_r, 4096):
                 pass
@@ -310,11 +328,18 @@ class Arbiter:
             worker = self.workers.pop(pid, None)
             if worker is None:
                 continue
+            slot = self.board.slot(worker.slot)
+            for field in scoreboard.TOTALS:
+                self.totals[field] += slot.get(field)
             self.board.release(worker.slot)
             self._note_death(worker, os.waitstatus_to_exitcode(status))
 
     def _note_death(self, worker: WorkerProcess, code: int) -> None:
         how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+        if not self.stopping:
+            self.restarts[worker.retire_cause or ("watchdog" if worker.aborted_at else
+                                                  "boot" if code == EXIT_BOOT_ERROR else
+                                                  "crash")] += 1
         if self.stopping or worker.retired_at is not None:
             log.info("worker %d %s", worker.pid, how)
             return
@@ -349,7 +374,7 @@ class Arbiter:
                       "modules, then reload again", worker.pid, self.generation)
             for other in list(self.workers.values()):
                 if other.generation > self.generation:
-                    self.retire(other)
+                    self.retire(other, "failed reload")
             return
         log.error("worker %d could not start (see its error above); stopping. Fix the "
                   "[worker] tasks modules, then start again", worker.pid)
@@ -369,7 +394,7 @@ class Arbiter:
         current.sort(key=lambda w: (self.board.slot(w.slot).state == scoreboard.READY,
                                     -w.started_at), reverse=True)
         for extra in current[self.processes:]:
-            self.retire(extra)
+            self.retire(extra, "scale")
         if time.monotonic() >= self._respawn_at:
             for _ in range(self.processes - len(current)):
                 self.spawn_worker()
@@ -380,13 +405,15 @@ class Arbiter:
         # Retire an outgoing child only while ready children would still
         # number at least `processes` without it.
         while outgoing and ready + len(outgoing) - 1 >= self.processes:
-            self.retire(outgoing.pop(0))
+            oldest = outgoing.pop(0)
+            self.retire(oldest, "reload" if oldest.generation != self.generation else "recycle")
         if not outgoing:
             self._before_reload = None
 
-    def retire(self, worker: WorkerProcess) -> None:
-        """Tell a child to drain and exit."""
+    def retire(self, worker: WorkerProcess, cause: str) -> None:
+        """Tell a child to drain and exit; ``cause`` is counted in the metrics."""
         worker.retired_at = time.monotonic()
+        worker.retire_cause = cause
         log.info("retiring worker %d (generation %d)", worker.pid, worker.generation)
         self._kill(worker.pid, signal.SIGTERM)
 
@@ -495,3 +522,17 @@ class Arbiter:
                            "bind": f"{host}:{port}", "generation": self.generation,
                            "processes": self.processes, "uptime": now - self._started_at},
                 "workers": workers}
+
+    def metrics_snapshot(self) -> tuple[list[float], list[dict[str, object]], dict[str, object]]:
+        """Totals (exited workers plus live ones), per-worker rows, master facts."""
+        totals = list(self.totals)
+        rows = []
+        for worker in self.workers.values():
+            slot = self.board.slot(worker.slot)
+            for field in scoreboard.TOTALS:
+                totals[field] += slot.get(field)
+            rows.append({"pid": worker.pid, **{name: slot.get(field) for name, field in (
+                ("inflight", scoreboard.INFLIGHT), ("connections", scoreboard.CONNECTIONS),
+                ("rss", scoreboard.RSS))}})
+        return totals, rows, {"processes": self.processes, "generation": self.generation,
+                              "restarts": dict(self.restarts)}

@@ -217,6 +217,16 @@ def to_secret_file(text: str) -> Secret | None:
     return Secret(token)
 
 
+def to_optional_address(text: str) -> tuple[str, int] | None:
+    """``none`` (off) or ``HOST:PORT``."""
+    if text.strip().lower() in ("", "none"):
+        return None
+    try:
+        return to_address(text)
+    except ValueError:
+        raise ValueError("expected none or HOST:PORT, such as 127.0.0.1:9101") from None
+
+
 def to_optional_path(text: str) -> str | None:
     """A file path, or ``none`` (or empty) for none."""
     path = text.strip()
@@ -351,6 +361,9 @@ SETTINGS: tuple[Setting, ...] = (
             "supervise). Needs a master started as root."),
     Setting("worker", "group", "", to_gid,
             "Run the workers with this group (default: the user's primary group)."),
+    Setting("worker", "metrics_bind", "none", to_optional_address,
+            "Serve Prometheus metrics at http://HOST:PORT/metrics from the master "
+            "(none: off, and tasks are not timed)."),
     Setting("worker", "loglevel", "info", to_loglevel,
             "Log level of the master and the workers."),
     Setting("worker", "debug", "false", to_bool,

@@ -3,13 +3,11 @@
 Theory of operation
 -------------------
 The master has no event loop, only a ``select`` over its wake-up pipe, so the
-control socket is served from that same ``select``: the listening socket and
-each accepted client are non-blocking and held in :class:`ControlServer`.
-A client sends one JSON line, ``{"command": "status"}``, and gets one JSON
-line back, then the master closes the connection. A client that does not
-finish its line within :data:`CLIENT_DEADLINE` seconds is dropped, so a stuck
-client cannot hold up the master. The socket file has mode 0600: only the
-master's user (and root) can control it, and it is never on the network.
+control socket is served from that same ``select``
+(:class:`~greentask.selectserver.OneShotServer`). A client sends one JSON line,
+``{"command": "status"}``, and gets one JSON line back, then the master closes
+the connection. The socket file has mode 0600: only the master's user (and
+root) can control it, and it is never on the network.
 
 :func:`send_command` is the client side, used by ``greentask status`` and
 friends; :func:`format_status` renders a status reply as a table.
@@ -20,18 +18,13 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import time
 from collections.abc import Callable
 from typing import Any
 
 import ujson
 
 from greentask.errors import GreentaskError
-
-#: Seconds a control client has to send its command.
-CLIENT_DEADLINE = 2.0
-#: Longest command line accepted.
-MAX_COMMAND = 4096
+from greentask.selectserver import OneShotServer
 
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
 
@@ -40,14 +33,13 @@ class ControlError(GreentaskError):
     """The control socket cannot be reached, or the master refused the command."""
 
 
-class ControlServer:
-    """The master's end: accept, read one command, answer, close; never block."""
+class ControlServer(OneShotServer):
+    """The master's control socket: one JSON command in, one JSON reply out."""
 
     def __init__(self, path: str, handle: Handler) -> None:
         self.path = path
         self._handle = handle
-        self._clients: dict[int, tuple[socket.socket, bytearray, float]] = {}
-        self.listener = self._bind(path)
+        super().__init__(self._bind(path))
 
     @staticmethod
     def _bind(path: str) -> socket.socket:
@@ -73,56 +65,11 @@ class ControlServer:
         finally:
             os.umask(old_umask)
         sock.listen(16)
-        sock.setblocking(False)
         return sock
 
-    def fds(self) -> list[int]:
-        """Descriptors the master's ``select`` should watch for reading."""
-        return [self.listener.fileno(), *self._clients]
-
-    def timeout(self, longest: float) -> float:
-        """How long the master may sleep before a client's deadline passes."""
-        if not self._clients:
-            return longest
-        first = min(deadline for _, _, deadline in self._clients.values())
-        return max(0.0, min(longest, first - time.monotonic()))
-
-    def serve(self, readable: list[int]) -> None:
-        """Accept and answer whatever is ready; drop clients past their deadline."""
-        if self.listener.fileno() in readable:
-            self._accept()
-        for fd in readable:
-            if fd in self._clients:
-                self._read(fd)
-        now = time.monotonic()
-        for fd, (_, _, deadline) in list(self._clients.items()):
-            if now > deadline:
-                self._drop(fd)
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                sock, _ = self.listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            sock.setblocking(False)
-            self._clients[sock.fileno()] = (sock, bytearray(),
-                                            time.monotonic() + CLIENT_DEADLINE)
-
-    def _read(self, fd: int) -> None:
-        sock, buffer, _ = self._clients[fd]
-        try:
-            data = sock.recv(MAX_COMMAND)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        buffer += data
-        if b"\n" not in buffer and data and len(buffer) < MAX_COMMAND:
-            return
-        line = bytes(buffer).split(b"\n", 1)[0]
-        self._answer(sock, self._run(line))
-        self._drop(fd)
+    def respond(self, line: bytes) -> bytes:
+        """Run one command line; the reply line."""
+        return ujson.dumps(self._run(line)).encode() + b"\n"
 
     def _run(self, line: bytes) -> dict[str, Any]:
         try:
@@ -137,21 +84,9 @@ class ControlServer:
         except ControlError as exc:
             return {"ok": False, "error": str(exc)}
 
-    @staticmethod
-    def _answer(sock: socket.socket, reply: dict[str, Any]) -> None:
-        # The reply is small; a client that does not read it loses it.
-        with contextlib.suppress(OSError):
-            sock.send(ujson.dumps(reply).encode() + b"\n")
-
-    def _drop(self, fd: int) -> None:
-        sock, _, _ = self._clients.pop(fd)
-        sock.close()
-
     def close(self) -> None:
         """Close every socket and remove the socket file."""
-        for fd in list(self._clients):
-            self._drop(fd)
-        self.listener.close()
+        super().close()
         with contextlib.suppress(OSError):
             os.unlink(self.path)
 

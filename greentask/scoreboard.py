@@ -15,6 +15,7 @@ through :meth:`Slot.set_state`.
 
 from __future__ import annotations
 
+import bisect
 import mmap
 import time
 
@@ -32,12 +33,22 @@ DRAINING = 4
 STATE_NAMES = {FREE: "free", BOOTING: "booting", READY: "ready", RECYCLE: "recycle",
                DRAINING: "draining"}
 
+#: Upper bounds (seconds) of the task duration histogram's buckets; the last
+#: bucket (above the last bound) is implicit.
+DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0)
+
 #: The fields of a slot, in order.
 FIELDS = ("pid", "generation", "state", "started_at", "heartbeat", "done", "failed",
-          "timed_out", "inflight", "connections", "rss")
+          "timed_out", "inflight", "connections", "rss", "duration_sum",
+          *(f"duration_bucket_{i}" for i in range(len(DURATION_BUCKETS) + 1)))
 _INDEX = {name: i for i, name in enumerate(FIELDS)}
 PID, GENERATION, STATE, STARTED_AT, HEARTBEAT, DONE, FAILED, TIMED_OUT, INFLIGHT, \
-    CONNECTIONS, RSS = range(len(FIELDS))
+    CONNECTIONS, RSS, DURATION_SUM = range(12)
+#: Index of the first duration bucket (each counts the tasks in its bucket only).
+DURATION_BUCKET = 12
+#: The counters that only grow while a worker lives (summed into totals when it dies).
+TOTALS = (DONE, FAILED, TIMED_OUT, DURATION_SUM,
+          *range(DURATION_BUCKET, DURATION_BUCKET + len(DURATION_BUCKETS) + 1))
 
 
 class Slot:
@@ -70,13 +81,20 @@ class Slot:
         """Move the worker to ``state`` (one of the module's state constants)."""
         self._cells[self._base + STATE] = state
 
+    def observe(self, seconds: float) -> None:
+        """Count one finished task of ``seconds`` in the duration histogram."""
+        cells, base = self._cells, self._base
+        cells[base + DURATION_SUM] += seconds
+        cells[base + DURATION_BUCKET + bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
+
     def beat(self) -> None:
         """Record that the worker's event loop ran just now."""
         self._cells[self._base + HEARTBEAT] = time.monotonic()
 
     def as_dict(self) -> dict[str, float | str]:
         """Every field by name; ``state`` as its name."""
-        row: dict[str, float | str] = {name: self.get(i) for name, i in _INDEX.items()}
+        row: dict[str, float | str] = {name: self.get(i) for name, i in _INDEX.items()
+                                       if not name.startswith("duration_bucket_")}
         row["state"] = STATE_NAMES.get(self.state, "unknown")
         return row
 

@@ -285,6 +285,8 @@ class Worker:
         self.slot = slot
         #: Ask to be replaced after this many tasks (0: never).
         self.max_tasks = max_tasks
+        #: Time each task for the metrics histogram (only when metrics are served).
+        self.measure_durations = config.worker.metrics_bind is not None
         #: One slot per task that may run at once; a reader that cannot get
         #: one stops reading (backpressure).
         self.slots = Semaphore(config.worker.concurrency)
@@ -382,6 +384,16 @@ class Worker:
         seconds = self.config.worker.task_timeout
         if request.timeout is not None:
             seconds = min(seconds, request.timeout)
+        if self.measure_durations:
+            started = time.monotonic()
+            try:
+                return self._run_task_bounded(request, function, sink, seconds)
+            finally:
+                self.slot.observe(time.monotonic() - started)
+        return self._run_task_bounded(request, function, sink, seconds)
+
+    def _run_task_bounded(self, request: Request, function: Callable[..., Any],
+                          sink: Callable[[Any], None] | None, seconds: float) -> bytes:
         timeout = gevent.Timeout(seconds)
         timeout.start()
         try:

@@ -140,3 +140,51 @@ def test_workers_run_as_the_configured_user(make_daemon):
         # cannot import their tasks once switched: the master says so and stops.
         assert outcome and daemon.wait(5) == 3
         assert "cannot import task module" in daemon.log()
+
+
+def scrape(port: int, path: str = "/metrics") -> dict[tuple[str, tuple], float]:
+    import urllib.error
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+        text = response.read().decode()
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def test_metrics_agree_with_status_and_survive_a_dead_worker(make_daemon):
+    import urllib.error
+
+    from greentask import TaskTimeout
+
+    from .conftest import free_port
+    port = free_port()
+    daemon = make_daemon(metrics_bind=f"127.0.0.1:{port}")
+    with TaskClient([daemon.address]) as client:
+        for i in range(10):
+            client.call("echo", i)
+        for _ in range(2):
+            with pytest.raises(TaskError):
+                client.call("fail")
+        with pytest.raises(TaskTimeout):
+            client.call("sleep", 5, timeout=0.1)
+        metrics = scrape(port)
+        status = ujson.loads(greentask("status", "-c", str(daemon.config), "--json").stdout)
+        done = sum(w["done"] for w in status["workers"])
+        assert metrics[("greentask_tasks_total", (("outcome", "ok"),))] == done == 10
+        assert metrics[("greentask_tasks_total", (("outcome", "failed"),))] == 2
+        assert metrics[("greentask_tasks_total", (("outcome", "timeout"),))] == 1
+        assert metrics[("greentask_task_duration_seconds_count", ())] == 13
+        assert metrics[("greentask_task_duration_seconds_bucket", (("le", "0.005"),))] >= 10
+        assert metrics[("greentask_workers", ())] == 2
+        victim = daemon.children()[0]
+        os.kill(victim, signal.SIGKILL)
+        daemon.wait_for_children(2, 10, exclude={victim})
+        client.call("echo", "after")
+    after = scrape(port)
+    assert after[("greentask_tasks_total", (("outcome", "ok"),))] >= 11  # never backwards
+    assert after[("greentask_worker_restarts_total", (("cause", "crash"),))] == 1
+    with pytest.raises(urllib.error.HTTPError) as info:
+        scrape(port, "/other")
+    assert info.value.code == 404
