@@ -106,8 +106,9 @@ class Connection:
         self.authenticated = worker.auth_token is None
         #: Set to stop reading: the connection closes once its replies are out.
         self.closing = False
-        self._told_closing = False
+        self._told_closing_at: float | None = None
         self._partial_since: float | None = None
+        self.last_active = time.monotonic()
         self._max_inflight = worker.config.worker.max_inflight_per_connection
         self._below_limit = Event()
         self._below_limit.set()
@@ -144,29 +145,24 @@ class Connection:
         except OSError:
             pass
 
-    def stop_reading(self) -> None:
-        """Make the reader see end of input (used when the process drains)."""
+    def stop_reading(self, how: int = socket.SHUT_RD) -> None:
+        """Make the reader see end of input (a drain, an idle peer)."""
         try:
-            self.sock.shutdown(socket.SHUT_RD)
+            self.sock.shutdown(how)
         except OSError:
             pass
 
     def _read_loop(self) -> None:
         writable = self.writer.writable
-        # Also bounds how long a reply may wait for a peer that does not read.
-        self.sock.settimeout(self.worker.config.worker.idle_timeout)
         while not self.writer.broken and not self.closing:
             writable.wait()
             try:
                 data = self.sock.recv(RECV_SIZE)
-            except TimeoutError:
-                if self._handle_idle():
-                    return
-                continue
             except OSError:
                 return
             if not data:
                 return
+            self.last_active = time.monotonic()
             for line in self.decoder.feed(data):
                 if self.closing:
                     break
@@ -174,42 +170,45 @@ class Connection:
             if self.decoder.too_large:
                 self.send(encode_error(None, self.decoder.too_large_error()))
                 return
-            if self._half_line_too_old():
-                return
+            if not self.decoder.buffered:
+                self._partial_since = None
+            elif self._partial_since is None:
+                self._partial_since = self.last_active
 
-    def _half_line_too_old(self) -> bool:
-        """True (and the peer told) when half a line has waited past idle_timeout."""
-        if not self.decoder.buffered:
-            self._partial_since = None
-            return False
-        now = time.monotonic()
-        if self._partial_since is None:
-            self._partial_since = now
-            return False
-        limit = self.worker.config.worker.idle_timeout
-        if now - self._partial_since <= limit:
-            return False
-        self.send(encode_error(None, TaskTimeout(
-            f"a request line stayed incomplete for more than {limit:g} s ([worker] "
-            "idle_timeout); the connection is closed")))
-        return True
+    def check_idle(self, now: float, limit: float) -> None:
+        """Close a peer that stalls (every heartbeat; sockets themselves have no timeout).
 
-    def _handle_idle(self) -> bool:
-        """The peer sent nothing for idle_timeout; return True to close now."""
-        if self.inflight:
-            return False  # still working for it
-        if self.uses_ids and not self._told_closing:
+        Half a line kept past ``limit`` (slowloris) or silence past ``limit``
+        with nothing running closes the connection; a pipelining peer is
+        asked to close first. A peer that reads none of its replies for
+        ``limit`` is cut off.
+        """
+        if self.closing:
+            return
+        if self._partial_since is not None and now - self._partial_since > limit:
+            self._close_with(f"a request line stayed incomplete for more than {limit:g} s "
+                             "([worker] idle_timeout); the connection is closed")
+        elif self.writer.busy and now - self.writer.last_progress > limit:
+            self.closing = True
+            self.stop_reading(socket.SHUT_RDWR)  # the writer fails; replies are dropped
+        elif self.inflight or self.writer.busy or now - self.last_active <= limit:
+            return
+        elif not self.uses_ids:
+            self._close_with(f"no complete request for {limit:g} s ([worker] idle_timeout); "
+                             "the connection is closed")
+        elif self._told_closing_at is None:
             # A pipelining client keeps connections for reuse: ask it to close,
             # so no request of its is in flight when the connection goes.
-            self._told_closing = True
+            self._told_closing_at = now
             self.send(encode_closing())
-            self.sock.settimeout(IDLE_GRACE)
-            return False
-        if not self.uses_ids:
-            self.send(encode_error(None, TaskTimeout(
-                f"no complete request for {self.worker.config.worker.idle_timeout:g} s "
-                "([worker] idle_timeout); the connection is closed")))
-        return True
+        elif now - self._told_closing_at > IDLE_GRACE:
+            self._close_with(None)
+
+    def _close_with(self, message: str | None) -> None:
+        if message is not None:
+            self.send(encode_error(None, TaskTimeout(message)))
+        self.closing = True
+        self.stop_reading()  # the reader sees the end; replies go out, then it closes
 
     def _handle_line(self, line: bytes) -> None:
         if not self.authenticated:
@@ -456,9 +455,13 @@ class Worker:
         # runs when the event loop does.
         interval = min(HEARTBEAT_INTERVAL, self.config.worker.heartbeat_timeout / 4)
         max_memory = self.config.worker.max_memory_per_child
+        idle_timeout = self.config.worker.idle_timeout
         while True:
             self.slot.beat()
             self._trim_idle_runners()
+            now = time.monotonic()
+            for connection in list(self.connections):
+                connection.check_idle(now, idle_timeout)
             if os.getppid() != self.master_pid:
                 log.error("master %d is gone; worker %d exits", self.master_pid, os.getpid())
                 self.stop_now()

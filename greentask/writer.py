@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable
 
 import gevent
@@ -40,6 +41,8 @@ class ReplyWriter:
         #: Set while the peer can take more replies (size under the high water).
         self.writable = Event()
         self.writable.set()
+        #: When the peer last took reply bytes (or the queue last became non-empty).
+        self.last_progress = time.monotonic()
         self._fd = sock.fileno()
         self._on_drop = on_drop
         self._outbox: list[bytes] = []
@@ -54,6 +57,8 @@ class ReplyWriter:
         if self.broken:
             self._on_drop(data.count(b"\n"))
             return
+        if not self.size:
+            self.last_progress = time.monotonic()
         self._outbox.append(data)
         self.size += len(data)
         self._flushed.clear()
@@ -62,6 +67,11 @@ class ReplyWriter:
         if not self._flush_scheduled and self._writer is None:
             self._flush_scheduled = True
             self._loop.run_callback(self._flush_without_blocking)
+
+    @property
+    def busy(self) -> bool:
+        """True while replies wait to be sent or are being sent."""
+        return bool(self.size) or self._writer is not None
 
     def wait_flushed(self) -> None:
         """Block until everything queued is sent (or the peer is gone)."""
@@ -105,6 +115,7 @@ class ReplyWriter:
         self._writer = None
 
     def _sent(self) -> None:
+        self.last_progress = time.monotonic()
         if self.size <= OUTBOX_HIGH_WATER:
             self.writable.set()
         if not self._outbox:

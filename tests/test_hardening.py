@@ -292,3 +292,27 @@ def test_soak_200000_calls_keep_memory_and_descriptors_flat(make_daemon):
         for pid in pids:
             assert rss_of([pid]) - rss_before[pid] < 8 * 1024 * 1024, pid
             assert fd_count(pid) <= fds_before[pid], pid
+
+
+def test_a_peer_that_never_reads_its_replies_is_cut_off_after_idle_timeout(make_daemon,
+                                                                            connect):
+    daemon = make_daemon(processes=1, idle_timeout=1)
+    greedy = connect(daemon.port, timeout=10)
+    big = b'{"function":"echo","args":["' + b"y" * 20000 + b'"],"id":1}\n'
+    greedy.sock.setblocking(False)
+    try:
+        for _ in range(3000):
+            greedy.sock.send(big)
+    except BlockingIOError:
+        pass
+    greedy.sock.setblocking(True)
+    greedy.sock.settimeout(10)
+
+    def cut_off() -> bool:
+        try:
+            return not greedy.sock.recv(1 << 20)  # drains what was sent, then sees the end
+        except ConnectionError:
+            return True
+    wait_until(cut_off, 15, "the stalled connection to be closed")
+    with TaskClient([daemon.address]) as client:
+        assert client.call("echo", "fine") == ["fine"]
