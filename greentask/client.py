@@ -33,7 +33,6 @@ from greentask.config import to_address
 from greentask.errors import (
     ConnectionFailed,
     GreentaskError,
-    RemoteError,
     ShuttingDown,
     TaskTimeout,
     WorkerLost,
@@ -374,4 +373,4 @@ def _parse_server(server: str) -> tuple[str, int]:
         raise ValueError(f"bad server {server!r}: {exc}") from None
 
 
-__all__ = ["RemoteError", "TaskClient", "TaskHandle"]
+__all__ = ["TaskClient", "TaskHandle"]

@@ -227,58 +227,53 @@ def to_optional_address(text: str) -> tuple[str, int] | None:
         raise ValueError("expected none or HOST:PORT, such as 127.0.0.1:9101") from None
 
 
+def _path_unless(text: str, sentinels: tuple[str, ...], accepted: str) -> str | None:
+    """None for a sentinel word, else the (user-expanded) path."""
+    path = text.strip()
+    if path.lower() in sentinels:
+        return None
+    if not path or "\0" in path:
+        raise ValueError(f"expected {accepted}")
+    return os.path.expanduser(path)
+
+
 def to_optional_path(text: str) -> str | None:
     """A file path, or ``none`` (or empty) for none."""
-    path = text.strip()
-    if path.lower() in ("", "none"):
-        return None
-    if "\0" in path:
-        raise ValueError("expected a file path, or none")
-    return os.path.expanduser(path)
+    return _path_unless(text, ("", "none"), "a file path, or none")
 
 
 def to_auto_path(text: str) -> str | None:
     """``auto`` (derived from other settings) or a file path."""
-    path = text.strip()
-    if path.lower() == "auto":
-        return None
-    if not path or "\0" in path:
-        raise ValueError("expected auto or a file path")
-    return os.path.expanduser(path)
+    return _path_unless(text, ("auto",), "auto or a file path")
 
 
 def to_logfile(text: str) -> str | None:
     """``-`` (standard error) or a file path."""
-    path = text.strip()
-    if path == "-":
+    return _path_unless(text, ("-",), "- (standard error) or a file path")
+
+
+def _lookup_id(text: str, by_id: Callable[[int], Any], by_name: Callable[[str], Any],
+               kind: str) -> int | None:
+    name = text.strip()
+    if not name:
         return None
-    if not path or "\0" in path:
-        raise ValueError("expected - (standard error) or a file path")
-    return os.path.expanduser(path)
+    try:
+        entry = by_id(int(name)) if name.isdigit() else by_name(name)
+    except KeyError:
+        raise ValueError(f"expected an existing {kind} name or id (or empty)") from None
+    return entry[2]  # pw_uid / gr_gid
 
 
 def to_uid(text: str) -> int | None:
     """Empty (do not change) or an existing user name or uid."""
     import pwd
-    name = text.strip()
-    if not name:
-        return None
-    try:
-        return pwd.getpwuid(int(name)).pw_uid if name.isdigit() else pwd.getpwnam(name).pw_uid
-    except KeyError:
-        raise ValueError("expected an existing user name or uid (or empty)") from None
+    return _lookup_id(text, pwd.getpwuid, pwd.getpwnam, "user")
 
 
 def to_gid(text: str) -> int | None:
     """Empty (the user's group, or unchanged) or an existing group name or gid."""
     import grp
-    name = text.strip()
-    if not name:
-        return None
-    try:
-        return grp.getgrgid(int(name)).gr_gid if name.isdigit() else grp.getgrnam(name).gr_gid
-    except KeyError:
-        raise ValueError("expected an existing group name or gid (or empty)") from None
+    return _lookup_id(text, grp.getgrgid, grp.getgrnam, "group")
 
 
 @dataclass(frozen=True)
