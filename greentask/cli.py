@@ -8,6 +8,7 @@ from typing import Any
 
 import ujson
 
+from greentask import tls
 from greentask.client import TaskClient
 from greentask.config import control_socket_path, load, render_markdown
 from greentask.control import ControlError, format_status, send_command
@@ -43,6 +44,12 @@ def _build_parser() -> argparse.ArgumentParser:
     call.add_argument("--server", metavar="HOST:PORT", action="append",
                       help="task server (repeat for failover); default: [worker] bind of -c")
     call.add_argument("-c", "--config", metavar="FILE", help="read the server from this INI")
+    call.add_argument("--tls", action="store_true",
+                      help="use TLS (on anyway when the -c config sets [worker] certfile or "
+                           "[gateway] tls)")
+    call.add_argument("--ca-certs", metavar="FILE",
+                      help="CA certificates that sign the server's (implies --tls; default: "
+                           "[gateway] ca_certs, else the system's)")
     call.add_argument("--progress", action="store_true", help="print progress lines")
     call.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (60)")
     commands.add_parser("config-doc", help="print docs/config.md, made from the settings")
@@ -84,9 +91,14 @@ def call(args: argparse.Namespace) -> int:
         if not servers:
             host, port = config.worker.bind
             servers = [f"{host}:{port}"]
+        context = None
+        if args.tls or args.ca_certs or config.worker.certfile or config.gateway.tls:
+            gateway = config.gateway
+            context = tls.client_context(args.ca_certs or gateway.ca_certs, gateway.certfile,
+                                         gateway.keyfile)
         client = TaskClient(servers, timeout=args.timeout,
-                            auth_token=config.worker.auth_token_file)
-    except (ValueError, ConfigError) as exc:
+                            auth_token=config.worker.auth_token_file, ssl_context=context)
+    except (ValueError, ConfigError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     on_progress = (lambda value: print(_dumps({"progress": value}), flush=True)) \

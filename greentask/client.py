@@ -17,13 +17,20 @@ elsewhere. A request that was sent but whose connection died before the
 reply raises :class:`WorkerLost`, unless the caller said the task may run
 twice (``retry=True``). A ``ShuttingDown`` answer means the task did not run,
 so it is always sent again on another connection.
+
+TLS: OpenSSL forbids using one ``SSL`` object from two threads at once, and
+a reader thread plus writing callers would. A TLS connection therefore puts
+its socket in non-blocking mode and makes every TLS call under one lock
+(:class:`_TLSStream`), waiting with ``poll`` outside it.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import select
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -120,20 +127,73 @@ class _SendFailed(Exception):
     """The request was not written completely: no server has it."""
 
 
+class _TLSStream:
+    """A TLS socket shared by a reader thread and writing threads, one TLS call at a time."""
+
+    def __init__(self, sock: ssl.SSLSocket) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self._tls_lock = threading.Lock()
+        self._readable = select.poll()
+        self._readable.register(sock, select.POLLIN)
+        self._writable = select.poll()
+        self._writable.register(sock, select.POLLOUT)
+
+    def recv(self, size: int) -> bytes:
+        """Block until data (or the end) arrives; only the reader thread calls it."""
+        while True:
+            with self._tls_lock:
+                try:
+                    return self.sock.recv(size)
+                except ssl.SSLWantReadError:
+                    waiter = self._readable
+                except ssl.SSLWantWriteError:
+                    waiter = self._writable
+            waiter.poll()
+
+    def sendall(self, data: bytes) -> None:
+        """Send all of ``data``; callers are already serialised by the connection's lock."""
+        view = memoryview(data)
+        while view:
+            with self._tls_lock:
+                try:
+                    view = view[self.sock.send(view):]
+                    continue
+                except ssl.SSLWantWriteError:
+                    waiter = self._writable
+                except ssl.SSLWantReadError:
+                    waiter = self._readable
+            waiter.poll()
+
+
 class _Connection:
     """One persistent connection and the thread that reads its replies."""
 
     def __init__(self, address: tuple[str, int], connect_timeout: float,
-                 auth_token: str | None = None) -> None:
+                 auth_token: str | None = None,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.address = address
         self.sock = socket.create_connection(address, timeout=connect_timeout)
-        self.sock.settimeout(None)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if ssl_context is None:
+            self.sock.settimeout(None)
+            self._recv, self._sendall = self.sock.recv, self.sock.sendall
+        else:
+            try:
+                # The handshake runs within connect_timeout, still blocking.
+                self.sock = ssl_context.wrap_socket(self.sock, server_hostname=address[0])
+            except OSError:
+                self.sock.close()
+                raise
+            stream = _TLSStream(self.sock)
+            self._recv, self._sendall = stream.recv, stream.sendall
         if auth_token is not None:
             # No reply on success: requests may follow at once.
-            self.sock.sendall(encode_hello(auth_token))
+            self._sendall(encode_hello(auth_token))
         self.alive = True
         self.draining = False
+        #: Why the connection ended, once it has.
+        self.closed_because = ""
         self._pending: dict[int, TaskHandle] = {}
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -149,14 +209,14 @@ class _Connection:
         """Write ``handle``'s request; raises :class:`_SendFailed` when it was not."""
         with self._lock:
             if not self.alive:
-                raise _SendFailed("connection closed")
+                raise _SendFailed(self.closed_because)
             request_id = next(self._ids)
             line = encode_request(handle.function, handle.args, request_id,
                                   progress=handle.on_progress is not None,
                                   timeout=handle.timeout)
             self._pending[request_id] = handle
             try:
-                self.sock.sendall(line)
+                self._sendall(line)
             except OSError as exc:
                 del self._pending[request_id]
                 # Dead, though the reader may not have seen it yet: send no more here.
@@ -166,7 +226,9 @@ class _Connection:
     def close(self) -> None:
         """Close; the reader fails whatever is still pending."""
         try:
-            self.sock.shutdown(socket.SHUT_RDWR)
+            # The plain socket's shutdown: SSLSocket's would drop its TLS object
+            # under the reader's feet.
+            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
         except OSError:
             pass
 
@@ -175,7 +237,7 @@ class _Connection:
         reason = "closed by the server"
         try:
             while not decoder.too_large:
-                data = self.sock.recv(65536)
+                data = self._recv(65536)
                 if not data:
                     break
                 for line in decoder.feed(data):
@@ -228,6 +290,7 @@ class _Connection:
     def _fail_pending(self, reason: str) -> None:
         with self._lock:
             self.alive = False
+            self.closed_because = reason
             lost = list(self._pending.values())
             self._pending.clear()
         self.sock.close()
@@ -242,17 +305,21 @@ class TaskClient:
     failure the next one). ``timeout``: default seconds a call waits for its
     result; also sent to the server, which stops the task after it.
     ``auth_token``: the servers' shared token, when they require one.
+    ``ssl_context``: speak TLS (see :func:`greentask.tls.client_context`);
+    the server's certificate is checked against the host name in ``servers``.
     """
 
     def __init__(self, servers: Iterable[str] = ("127.0.0.1:12345",), timeout: float = 30.0,
                  connect_timeout: float = 5.0, connections_per_server: int = 2,
-                 auth_token: str | None = None) -> None:
+                 auth_token: str | None = None,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.servers = [_parse_server(server) for server in servers]
         if not self.servers:
             raise ValueError("TaskClient needs at least one server, such as '127.0.0.1:12345'")
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self._auth_token = auth_token
+        self._ssl_context = ssl_context
         self._target = connections_per_server * len(self.servers)
         self._connections: list[_Connection] = []
         self._down_until: dict[tuple[str, int], float] = {}
@@ -317,19 +384,21 @@ class TaskClient:
         self.close()
 
     def _send(self, handle: TaskHandle) -> None:
+        last_error = ""
         while handle.attempts < MAX_ATTEMPTS:
             handle.attempts += 1
             try:
                 self._connection().send(handle)
                 return
-            except _SendFailed:
+            except _SendFailed as exc:
+                last_error = str(exc)
                 continue
             except GreentaskError as exc:
                 handle._resolve(error=exc)
                 return
         handle._resolve(error=ConnectionFailed(
-            f"task {handle.function!r} could not be delivered after {MAX_ATTEMPTS} attempts; "
-            f"servers: {self._describe_servers()}"))
+            f"task {handle.function!r} could not be delivered after {MAX_ATTEMPTS} attempts "
+            f"(last: {last_error or 'no connection'}); servers: {self._describe_servers()}"))
 
     def _connection(self) -> _Connection:
         with self._lock:
@@ -355,11 +424,13 @@ class TaskClient:
         for address in up or candidates:
             try:
                 self._connections.append(_Connection(address, self.connect_timeout,
-                                                     self._auth_token))
+                                                     self._auth_token, self._ssl_context))
                 return []
             except OSError as exc:
                 self._down_until[address] = now + DOWN_RETRY_DELAY
-                errors.append(f"{address[0]}:{address[1]}: {exc.strerror or exc}")
+                hint = " (TLS: do ca_certs and the server's certificate match this host?)" \
+                    if isinstance(exc, ssl.SSLError) else ""
+                errors.append(f"{address[0]}:{address[1]}: {exc.strerror or exc}{hint}")
         return errors
 
     def _describe_servers(self) -> str:

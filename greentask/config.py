@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
+from greentask import tls
 from greentask.errors import ConfigError
 
 ENV_PREFIX = "GREENTASK_"
@@ -196,25 +197,49 @@ class Secret(str):
         return "Secret('***')"
 
 
+def _check_private(path: str, what: str) -> None:
+    """Refuse a secret file that users other than its owner can read."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise ValueError(f"cannot read the {what}: {exc.strerror}") from None
+    if mode & 0o077:
+        raise ValueError(f"the {what} can be read by others (mode {mode & 0o777:o}); "
+                         "run chmod 600 on it")
+
+
 def to_secret_file(text: str) -> Secret | None:
     """``none``, or a file (mode 0600 or stricter) holding a shared token."""
     path = text.strip()
     if path.lower() in ("", "none"):
         return None
+    _check_private(path, "token file")
     try:
-        mode = os.stat(path).st_mode
         with open(path, encoding="utf-8") as file:
             token = file.read().strip()
     except OSError as exc:
         raise ValueError(f"cannot read the token file: {exc.strerror}") from None
-    if mode & 0o077:
-        raise ValueError(f"the token file can be read by others (mode {mode & 0o777:o}); "
-                         "run chmod 600 on it")
     if len(token) < 16:
         raise ValueError("the token file must hold a token of at least 16 characters, "
                          "such as the output of: python -c 'import secrets; "
                          "print(secrets.token_urlsafe())'")
     return Secret(token)
+
+
+def to_key_file(text: str) -> str | None:
+    """``none``, or a PEM private key file (mode 0600 or stricter)."""
+    path = to_optional_path(text)
+    if path is not None:
+        _check_private(path, "key file")
+    return path
+
+
+def to_existing_file(text: str) -> str | None:
+    """``none``, or the path of a readable file."""
+    path = to_optional_path(text)
+    if path is not None and not os.access(path, os.R_OK):
+        raise ValueError("no such file, or it cannot be read")
+    return path
 
 
 def to_optional_address(text: str) -> tuple[str, int] | None:
@@ -318,6 +343,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("worker", "auth_token_file", "none", to_secret_file,
             "File holding a shared token; when set, a connection must send it first "
             "({\"auth\": TOKEN}) or is answered Unauthorized and closed."),
+    Setting("worker", "certfile", "none", to_existing_file,
+            "PEM certificate chain of the task port; when set, the port speaks TLS only "
+            "(docs/operations.md#tls)."),
+    Setting("worker", "keyfile", "none", to_key_file,
+            "Private key of certfile (none: it is in certfile, which must then be "
+            "private too)."),
+    Setting("worker", "ca_certs", "none", to_existing_file,
+            "With TLS on: CA certificates that sign client certificates; when set, a "
+            "client without one is refused (mutual TLS)."),
     Setting("worker", "max_connections", "10000", to_positive_int,
             "Connections one process serves at once; when full it stops accepting and "
             "the kernel queues new ones for its siblings."),
@@ -385,6 +419,16 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("gateway", "auth_token_file", "none", to_secret_file,
             "The task servers' token file, when they require one ([worker] "
             "auth_token_file)."),
+    Setting("gateway", "tls", "false", to_bool,
+            "Connect to the task servers with TLS, verifying their certificate and host "
+            "name."),
+    Setting("gateway", "ca_certs", "none", to_existing_file,
+            "CA certificates that sign the task servers' certificates (none: the "
+            "system's CAs)."),
+    Setting("gateway", "certfile", "none", to_existing_file,
+            "Client certificate, for task servers that set [worker] ca_certs."),
+    Setting("gateway", "keyfile", "none", to_key_file,
+            "Private key of that client certificate (none: it is in certfile)."),
     Setting("gateway", "call_timeout", "60", to_seconds,
             "How long one task may take before the browser gets a Timeout error event."),
     Setting("smtp", "host", "127.0.0.1", to_host,
@@ -479,7 +523,35 @@ def load(path: str | None = None, environ: Mapping[str, str] | None = None,
             for key, text in keys.items():
                 setting = _BY_SECTION[section][key]
                 setattr(sections[section], key, _convert(setting, text, origin))
-    return Config(path=path, **sections)
+    config = Config(path=path, **sections)
+    _check_tls_files(config)
+    return config
+
+
+def _check_tls_files(config: Config) -> None:
+    """Load each TLS certificate and key once, so a bad pair fails at start, not per connection."""
+    worker, gateway = config.worker, config.gateway
+    try:
+        if worker.certfile is not None:
+            if worker.keyfile is None:
+                _check_private(worker.certfile, "certfile (it holds the private key)")
+            tls.server_context(worker.certfile, worker.keyfile, worker.ca_certs)
+        elif worker.keyfile is not None or worker.ca_certs is not None:
+            raise ValueError("keyfile and ca_certs need certfile (TLS is on when certfile "
+                             "is set)")
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"[worker] certfile = {worker.certfile}, keyfile = "
+                          f"{worker.keyfile}, ca_certs = {worker.ca_certs}: {exc}; give a PEM "
+                          "certificate chain and its private key") from None
+    if not gateway.tls:
+        return
+    try:
+        if gateway.certfile is not None and gateway.keyfile is None:
+            _check_private(gateway.certfile, "certfile (it holds the private key)")
+        tls.client_context(gateway.ca_certs, gateway.certfile, gateway.keyfile)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"[gateway] ca_certs = {gateway.ca_certs}, certfile = "
+                          f"{gateway.certfile}, keyfile = {gateway.keyfile}: {exc}") from None
 
 
 _current: Config | None = None

@@ -40,13 +40,14 @@ from collections.abc import Callable
 from typing import Any
 
 import gevent
+import gevent.socket
 import greenlet
 from gevent.event import Event
 from gevent.lock import Semaphore
 from gevent.pool import Pool
 from gevent.server import StreamServer
 
-from greentask import scoreboard
+from greentask import scoreboard, tls
 from greentask.config import Config
 from greentask.errors import (
     BadRequest,
@@ -84,9 +85,21 @@ IDLE_GRACE = 10.0
 #: Longest time between two heartbeats; each also checks that the master lives
 #: and reads the RSS (seconds).
 HEARTBEAT_INTERVAL = 1.0
+#: Longest TLS handshake; a peer that takes longer is disconnected (seconds).
+HANDSHAKE_TIMEOUT = 10.0
 #: How often a draining worker checks whether its peers have closed (seconds).
 DRAIN_POLL_INTERVAL = 0.05
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+def shutdown_socket(sock: socket.socket, how: int) -> None:
+    """Shut down one direction of ``sock``, keeping its TLS layer (if any) in place."""
+    # SSLSocket.shutdown drops the TLS object, so replies still queued would
+    # go out in clear text: call the plain socket's method.
+    try:
+        gevent.socket.socket.shutdown(sock, how)
+    except OSError:
+        pass
 
 
 def resident_memory() -> int:
@@ -137,8 +150,8 @@ class Connection:
         # Closing with unread input sends a reset, which can destroy the
         # TooLarge reply before the peer reads it: send FIN, then discard what
         # the peer is still sending for a bounded time.
+        shutdown_socket(self.sock, socket.SHUT_WR)
         try:
-            self.sock.shutdown(socket.SHUT_WR)
             with gevent.Timeout(LINGER_SECONDS, False):
                 while self.sock.recv(RECV_SIZE):
                     pass
@@ -147,10 +160,7 @@ class Connection:
 
     def stop_reading(self, how: int = socket.SHUT_RD) -> None:
         """Make the reader see end of input (a drain, an idle peer)."""
-        try:
-            self.sock.shutdown(how)
-        except OSError:
-            pass
+        shutdown_socket(self.sock, how)
 
     def _read_loop(self) -> None:
         writable = self.writer.writable
@@ -259,7 +269,7 @@ class Connection:
         if token is not None and hmac.compare_digest(token.encode(), expected):
             self.authenticated = True
             return
-        self.worker.note_auth_failure(self.peer)
+        self.worker.note_refused(self.peer, "no token, or the wrong one")
         self.send(encode_error(None, Unauthorized(
             'this server requires a token: send {"auth": TOKEN} as the first line '
             "(TaskClient(auth_token=...), or [gateway] auth_token_file); the connection is "
@@ -299,9 +309,12 @@ class Worker:
         # connections for its siblings (or until one closes).
         self.server = StreamServer(listener, self.handle_connection,
                                    spawn=Pool(config.worker.max_connections))
+        settings = config.worker
+        self.ssl_context = None if settings.certfile is None else tls.server_context(
+            settings.certfile, settings.keyfile, settings.ca_certs)
         token = config.worker.auth_token_file
         self.auth_token: bytes | None = token.encode() if token else None
-        self._auth_failures: dict[str, int] = {}
+        self._refusals: dict[str, int] = {}
         # Several processes share this listener: take one connection per wake-up
         # so a busy process does not grab a burst that idle siblings could serve.
         self.server.max_accept = 1
@@ -313,7 +326,12 @@ class Worker:
     def handle_connection(self, sock: socket.socket, address: Any) -> None:
         """StreamServer handler: serve one connection until it ends."""
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        connection = Connection(self, sock, str(address[0]) if address else "?")
+        peer = str(address[0]) if address else "?"
+        if self.ssl_context is not None:
+            sock = self._handshake(sock, peer)
+            if sock is None:
+                return
+        connection = Connection(self, sock, peer)
         self.connections.add(connection)
         self.slot.add(scoreboard.CONNECTIONS)
         try:
@@ -322,12 +340,38 @@ class Worker:
             self.connections.discard(connection)
             self.slot.add(scoreboard.CONNECTIONS, -1)
 
-    def note_auth_failure(self, peer: str) -> None:
-        """Count a failed authentication; log the 1st, 10th, 100th... from each peer."""
-        failures = self._auth_failures[peer] = self._auth_failures.get(peer, 0) + 1
+    def _handshake(self, sock: socket.socket, peer: str) -> socket.socket | None:
+        """Wrap ``sock`` in TLS; None (and the socket closed) when the handshake fails."""
+        assert self.ssl_context is not None
+        # The only socket timeout on a connection: idle peers are otherwise
+        # swept by the heartbeat, which does not see a half-done handshake.
+        sock.settimeout(HANDSHAKE_TIMEOUT)
+        tls_sock = None
+        try:
+            if sock.recv(1, socket.MSG_PEEK) == b"{":
+                # A plain-text client: answer in words it can read (after
+                # reading what it sent, so closing does not reset the answer).
+                sock.recv(RECV_SIZE)
+                sock.sendall(encode_error(None, BadRequest(
+                    "this task port speaks TLS only; connect with TLS (TaskClient("
+                    "ssl_context=greentask.tls.client_context(...)), [gateway] tls = true)")))
+                raise ValueError("plain text sent to the TLS port")
+            tls_sock = self.ssl_context.wrap_socket(sock, server_side=True,
+                                                    do_handshake_on_connect=False)
+            tls_sock.do_handshake()
+        except (OSError, ValueError) as exc:
+            self.note_refused(peer, f"TLS handshake failed ({exc})")
+            (tls_sock or sock).close()
+            return None
+        tls_sock.settimeout(None)
+        return tls_sock
+
+    def note_refused(self, peer: str, reason: str) -> None:
+        """Count a refused connection; log the 1st, 10th, 100th... from each peer."""
+        failures = self._refusals[peer] = self._refusals.get(peer, 0) + 1
         if failures == 10 ** (len(str(failures)) - 1):
-            log.warning("worker %d: connection from %s without the right token (%d time%s)",
-                        os.getpid(), peer, failures, "" if failures == 1 else "s")
+            log.warning("worker %d: connection from %s refused: %s (%d time%s)",
+                        os.getpid(), peer, reason, failures, "" if failures == 1 else "s")
 
     def count_dropped(self, replies: int) -> None:
         """Count replies whose peer was gone."""

@@ -5,7 +5,8 @@ they only queue bytes here. Everything queued during one turn of the event
 loop is written at the end of that turn by a loop callback, with one
 non-blocking ``write``: no greenlet switch, one system call for many replies.
 Only when the socket does not take it all does a writer greenlet start,
-which waits for the peer to read.
+which waits for the peer to read. A TLS socket always uses the writer
+greenlet: its bytes must be encrypted, so a plain ``write`` cannot send them.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import ssl
 import time
 from collections.abc import Callable
 
@@ -43,7 +45,7 @@ class ReplyWriter:
         self.writable.set()
         #: When the peer last took reply bytes (or the queue last became non-empty).
         self.last_progress = time.monotonic()
-        self._fd = sock.fileno()
+        self._fd = None if isinstance(sock, ssl.SSLSocket) else sock.fileno()
         self._on_drop = on_drop
         self._outbox: list[bytes] = []
         self._flush_scheduled = False
@@ -87,6 +89,9 @@ class ReplyWriter:
         # Runs in the hub: it must not block or raise.
         self._flush_scheduled = False
         if not self._outbox or self._writer is not None:
+            return
+        if self._fd is None:
+            self._writer = gevent.spawn(self._write_loop)
             return
         data = self._take()
         try:

@@ -33,7 +33,7 @@ import gevent.pool
 import ujson
 from gevent.lock import BoundedSemaphore
 
-from greentask import websocket
+from greentask import tls, websocket
 from greentask.client import TaskClient
 from greentask.config import Config, load
 from greentask.errors import GreentaskError, RemoteError
@@ -76,8 +76,11 @@ class Gateway:
         """The task client, made on first use (after gunicorn forked this worker)."""
         if self._client is None:
             servers = [f"{host}:{port}" for host, port in self.settings.task_servers]
-            self._client = TaskClient(servers, timeout=self.settings.call_timeout,
-                                      auth_token=self.settings.auth_token_file)
+            settings = self.settings
+            context = tls.client_context(settings.ca_certs, settings.certfile,
+                                         settings.keyfile) if settings.tls else None
+            self._client = TaskClient(servers, timeout=settings.call_timeout,
+                                      auth_token=settings.auth_token_file, ssl_context=context)
         return self._client
 
     def origin_allowed(self, environ: dict[str, Any]) -> bool:

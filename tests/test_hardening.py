@@ -73,7 +73,7 @@ def test_failures_are_logged_without_the_token(make_daemon, token_file, connect)
         conn.send(b'{"auth": "%s-wrong"}\n' % TOKEN.encode())
         assert conn.read_json()["error"]["type"] == "Unauthorized"
     wait_until(lambda: "(10 times)" in secured.log(), 5, "the tenth failure logged")
-    assert "from 127.0.0.1 without the right token (1 time)" in secured.log()
+    assert "from 127.0.0.1 refused: no token, or the wrong one (1 time)" in secured.log()
     assert TOKEN not in secured.log()
 
 

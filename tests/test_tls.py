@@ -1,0 +1,199 @@
+"""TLS on the task port, with a CA and certificates the test makes (trustme)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import trustme
+
+from greentask import BadRequest, ConnectionFailed, TaskClient, tls
+
+from .conftest import ROOT, wait_until
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class Certificates:
+    """A test CA, a server certificate for 127.0.0.1 and a client certificate, as files."""
+
+    def __init__(self, directory: Path) -> None:
+        self.ca = trustme.CA()
+        self.ca_file = directory / "ca.pem"
+        self.ca.cert_pem.write_to_path(str(self.ca_file))
+        server = self.ca.issue_cert("127.0.0.1")
+        self.certfile = directory / "server.pem"
+        self.keyfile = directory / "server.key"
+        server.cert_chain_pems[0].write_to_path(str(self.certfile))
+        server.private_key_pem.write_to_path(str(self.keyfile))
+        client = self.ca.issue_cert("client@greentask.test")
+        self.client_cert = directory / "client.pem"
+        self.client_key = directory / "client.key"
+        client.cert_chain_pems[0].write_to_path(str(self.client_cert))
+        client.private_key_pem.write_to_path(str(self.client_key))
+        for key in (self.keyfile, self.client_key):
+            key.chmod(0o600)
+
+    def client(self, daemon, **options) -> TaskClient:
+        return TaskClient([daemon.address], connect_timeout=3,
+                          ssl_context=tls.client_context(str(self.ca_file), **options))
+
+
+@pytest.fixture
+def certs(tmp_path):
+    return Certificates(tmp_path)
+
+
+@pytest.fixture
+def tls_daemon(make_daemon, certs):
+    return make_daemon(certfile=certs.certfile, keyfile=certs.keyfile)
+
+
+def test_a_verified_client_calls_tasks_over_tls(tls_daemon, certs):
+    with certs.client(tls_daemon) as client:
+        assert client.call("echo", "over tls") == ["over tls"]
+        handles = [client.submit("sleep", 0.05) for _ in range(200)]
+        assert [handle.get(10) for handle in handles] == [0.05] * 200
+        seen = []
+        assert client.call("steps.count", 3, on_progress=seen.append) == 3
+        assert seen == [{"step": 1}, {"step": 2}, {"step": 3}]
+
+
+def test_many_threads_share_one_tls_connection(tls_daemon, certs):
+    """OpenSSL objects are not thread-safe: the client must serialise them itself."""
+    import threading
+    client = TaskClient([tls_daemon.address], connections_per_server=1,
+                        ssl_context=tls.client_context(str(certs.ca_file)))
+    errors, results = [], []
+
+    def caller(n):
+        try:
+            for i in range(100):
+                results.append(client.call("echo", "x" * (n * 300 + i)))
+        except Exception as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=caller, args=(n,)) for n in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    client.close()
+    assert not errors
+    assert len(results) == 1600
+
+
+def test_the_client_refuses_a_server_it_cannot_verify(tls_daemon, certs, tmp_path):
+    other_ca = tmp_path / "other-ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(other_ca))
+    client = TaskClient([tls_daemon.address], connect_timeout=3,
+                        ssl_context=tls.client_context(str(other_ca)))
+    with client, pytest.raises(ConnectionFailed, match="CERTIFICATE_VERIFY_FAILED"):
+        client.call("echo", 1)
+    # The host name is checked too: the certificate names 127.0.0.1, not localhost.
+    client = TaskClient([f"localhost:{tls_daemon.port}"], connect_timeout=3,
+                        ssl_context=tls.client_context(str(certs.ca_file)))
+    with client, pytest.raises(ConnectionFailed, match="match"):
+        client.call("echo", 1)
+
+
+def test_a_plain_client_is_told_the_port_speaks_tls(tls_daemon, connect, certs):
+    conn = connect(tls_daemon.port)
+    conn.send(b'{"function": "echo", "args": [1]}\n')
+    reply = conn.read_json()
+    assert reply["error"]["type"] == "BadRequest"
+    assert "speaks TLS only" in reply["error"]["message"]
+    assert conn.at_eof()
+    with TaskClient([tls_daemon.address], connect_timeout=2) as plain:
+        with pytest.raises(BadRequest, match="speaks TLS only"):
+            plain.call("echo", 1)
+    # A peer that never finishes its handshake is dropped; the port still serves.
+    stalled = socket.create_connection(("127.0.0.1", tls_daemon.port))
+    stalled.sendall(b"\x16\x03\x01")
+    with certs.client(tls_daemon) as client:
+        assert client.call("echo", 2) == [2]
+    stalled.close()
+    wait_until(lambda: "TLS handshake failed" in tls_daemon.log(), 10, "refusal logged")
+
+
+def test_tls_replies_are_not_sent_in_clear_when_a_worker_drains(tls_daemon, certs):
+    """Draining shuts the read side down; the replies that follow must stay encrypted."""
+    with certs.client(tls_daemon) as client:
+        handles = [client.submit("sleep", 0.5) for _ in range(20)]
+        time.sleep(0.1)
+        tls_daemon.signal(signal.SIGHUP)
+        assert [handle.get(15) for handle in handles] == [0.5] * 20
+        assert client.call("echo", "after reload") == ["after reload"]
+
+
+def test_an_idle_tls_peer_is_told_why_in_tls(make_daemon, certs):
+    """The idle sweep shuts the read side down, then sends its error: still encrypted."""
+    daemon = make_daemon(certfile=certs.certfile, keyfile=certs.keyfile, idle_timeout=1)
+    context = tls.client_context(str(certs.ca_file))
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as raw, \
+            context.wrap_socket(raw, server_hostname="127.0.0.1") as conn:
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = conn.recv(4096)
+            assert chunk, f"closed after {data!r}"
+            data += chunk
+    reply = json.loads(data)
+    assert reply["error"]["type"] == "Timeout"
+    assert "idle_timeout" in reply["error"]["message"]
+
+
+def test_mutual_tls_requires_a_client_certificate(make_daemon, certs):
+    daemon = make_daemon(certfile=certs.certfile, keyfile=certs.keyfile,
+                         ca_certs=certs.ca_file)
+    with certs.client(daemon) as anonymous, pytest.raises(ConnectionFailed, match="TLS"):
+        anonymous.call("echo", 1)
+    with certs.client(daemon, certfile=str(certs.client_cert),
+                      keyfile=str(certs.client_key)) as client:
+        assert client.call("echo", "mtls") == ["mtls"]
+
+
+def test_gateway_and_cli_speak_tls(tls_daemon, certs, make_gateway):
+    ws = make_gateway(tls_daemon, tls="true", ca_certs=certs.ca_file).connect()
+    ws.send(json.dumps({"function": "echo", "args": ["via gateway"], "id": 1}))
+    assert json.loads(ws.recv())["result"] == ["via gateway"]
+    greentask = str(Path(sys.executable).with_name("greentask"))
+    result = subprocess.run([greentask, "call", "echo", "[4]", "-c", str(tls_daemon.config),
+                             "--ca-certs", str(certs.ca_file)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[4]"
+
+
+def _check(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "greentask.worker", "--check"], cwd=ROOT,
+                          env={**os.environ, **env}, capture_output=True, text=True,
+                          timeout=30)
+
+
+def test_bad_tls_files_are_refused_at_start(certs, tmp_path):
+    certs.keyfile.chmod(0o644)
+    result = _check({"GREENTASK_WORKER_CERTFILE": str(certs.certfile),
+                     "GREENTASK_WORKER_KEYFILE": str(certs.keyfile)})
+    assert result.returncode == 2
+    assert "key file can be read by others (mode 644); run chmod 600" in result.stderr
+    certs.keyfile.chmod(0o600)
+    wrong_key = tmp_path / "wrong.key"
+    trustme.CA().issue_cert("127.0.0.1").private_key_pem.write_to_path(str(wrong_key))
+    wrong_key.chmod(0o600)
+    result = _check({"GREENTASK_WORKER_CERTFILE": str(certs.certfile),
+                     "GREENTASK_WORKER_KEYFILE": str(wrong_key)})
+    assert result.returncode == 2
+    assert "[worker] certfile" in result.stderr and "give a PEM certificate" in result.stderr
+    result = _check({"GREENTASK_WORKER_CERTFILE": str(tmp_path / "missing.pem")})
+    assert result.returncode == 2
+    assert "no such file" in result.stderr
+    result = _check({"GREENTASK_WORKER_CERTFILE": str(certs.certfile)})  # key not in it
+    assert result.returncode == 2
+    assert "PEM" in result.stderr
