@@ -152,6 +152,8 @@ class Arbiter:
         self.metrics: MetricsServer | None = None
         #: Counters of workers that have exited, so totals never go backwards.
         self.totals = [0.0] * len(scoreboard.FIELDS)
+        #: Task counts by function of the workers that exited: [ok, failed, timeout].
+        self.function_totals: dict[str, list[float]] = {}
         #: Workers replaced, by cause.
         self.restarts: collections.Counter[str] = collections.Counter()
 
@@ -331,6 +333,7 @@ class Arbiter:
             slot = self.board.slot(worker.slot)
             for field in scoreboard.TOTALS:
                 self.totals[field] += slot.get(field)
+            scoreboard.add_function_counts(self.function_totals, slot.functions())
             self.board.release(worker.slot)
             self._note_death(worker, os.waitstatus_to_exitcode(status))
 
@@ -526,13 +529,15 @@ class Arbiter:
     def metrics_snapshot(self) -> tuple[list[float], list[dict[str, object]], dict[str, object]]:
         """Totals (exited workers plus live ones), per-worker rows, master facts."""
         totals = list(self.totals)
+        functions = {name: list(counts) for name, counts in self.function_totals.items()}
         rows = []
         for worker in self.workers.values():
             slot = self.board.slot(worker.slot)
             for field in scoreboard.TOTALS:
                 totals[field] += slot.get(field)
+            scoreboard.add_function_counts(functions, slot.functions())
             rows.append({"pid": worker.pid, **{name: slot.get(field) for name, field in (
                 ("inflight", scoreboard.INFLIGHT), ("connections", scoreboard.CONNECTIONS),
                 ("rss", scoreboard.RSS))}})
         return totals, rows, {"processes": self.processes, "generation": self.generation,
-                              "restarts": dict(self.restarts)}
+                              "restarts": dict(self.restarts), "functions": functions}

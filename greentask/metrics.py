@@ -25,8 +25,8 @@ from greentask.selectserver import OneShotServer
 #: What a scrape sees: (totals per scoreboard field, per-worker rows, master facts).
 Snapshot = Callable[[], tuple[list[float], list[dict[str, Any]], dict[str, Any]]]
 
-_OUTCOMES = (("ok", scoreboard.DONE), ("failed", scoreboard.FAILED),
-             ("timeout", scoreboard.TIMED_OUT))
+#: Label values of the outcomes, in the order of scoreboard.OUTCOMES.
+OUTCOME_LABELS = ("ok", "failed", "timeout")
 
 
 class DaemonCollector(Collector):
@@ -37,10 +37,11 @@ class DaemonCollector(Collector):
 
     def collect(self) -> Iterable[Any]:
         totals, workers, master = self.snapshot()
-        tasks = CounterMetricFamily("greentask_tasks", "Tasks finished, by outcome.",
-                                    labels=["outcome"])
-        for outcome, field in _OUTCOMES:
-            tasks.add_metric([outcome], totals[field])
+        tasks = CounterMetricFamily("greentask_tasks", "Tasks finished, by function and outcome.",
+                                    labels=["function", "outcome"])
+        for function, counts in sorted(master["functions"].items()):
+            for outcome, count in zip(OUTCOME_LABELS, counts, strict=True):
+                tasks.add_metric([function, outcome], count)
         yield tasks
         buckets, running = [], 0.0
         for i, bound in enumerate((*scoreboard.DURATION_BUCKETS, float("inf"))):

@@ -9,6 +9,11 @@ slot is a row of doubles: an aligned 8-byte store is atomic on the platforms
 greentask runs on, so no lock is needed on the hot path (a task increments
 ``done`` with one store).
 
+Beside each row, a slot has a small table of task counts by function name
+(for the metrics): up to :data:`MAX_FUNCTIONS` names, written once each by
+the child on a function's first use (length byte last, so the master never
+reads half a name), then ``ok``/``failed``/``timeout`` counts.
+
 Worker states are the constants below; a child changes its own state only
 through :meth:`Slot.set_state`.
 """
@@ -51,14 +56,30 @@ TOTALS = (DONE, FAILED, TIMED_OUT, DURATION_SUM,
           *range(DURATION_BUCKET, DURATION_BUCKET + len(DURATION_BUCKETS) + 1))
 
 
+#: Task functions counted by name per worker; later ones are counted as OTHER_FUNCTION.
+MAX_FUNCTIONS = 64
+#: Bytes per function name in the table (a length byte, then UTF-8).
+NAME_BYTES = 64
+#: The name that counts every function past MAX_FUNCTIONS.
+OTHER_FUNCTION = "(other)"
+#: The outcomes counted per function, in the order of their counts.
+OUTCOMES = (DONE, FAILED, TIMED_OUT)
+
+
 class Slot:
     """One worker's row; the owning child writes it, the master reads it."""
 
-    __slots__ = ("_base", "_cells")
+    __slots__ = ("_base", "_cells", "_counts", "_name_base", "_names", "_rows")
 
-    def __init__(self, cells: memoryview, index: int) -> None:
+    def __init__(self, cells: memoryview, names: memoryview, counts: memoryview,
+                 index: int) -> None:
         self._cells = cells
         self._base = index * len(FIELDS)
+        self._names = names
+        self._counts = counts
+        self._name_base = index * MAX_FUNCTIONS
+        #: The child's cache: function name -> index of its first count.
+        self._rows: dict[str, int] = {}
 
     def get(self, field: int) -> float:
         """Read one field (a ``scoreboard`` constant such as ``DONE``)."""
@@ -87,6 +108,51 @@ class Slot:
         cells[base + DURATION_SUM] += seconds
         cells[base + DURATION_BUCKET + bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
 
+    def count_task(self, function: str, outcome: int) -> None:
+        """Count one finished task of ``function``; ``outcome`` is DONE, FAILED or TIMED_OUT."""
+        self._cells[self._base + outcome] += 1
+        row = self._rows.get(function)
+        if row is None:
+            row = self._add_function(function)
+        self._counts[row + outcome - DONE] += 1
+
+    def _add_function(self, function: str) -> int:
+        used = len(set(self._rows.values()))  # entries written (several names may share one)
+        if used >= MAX_FUNCTIONS - 1 and function != OTHER_FUNCTION:
+            row = self._rows.get(OTHER_FUNCTION)
+            self._rows[function] = row if row is not None else self._add_function(OTHER_FUNCTION)
+            return self._rows[function]
+        entry = self._name_base + used
+        name = function.encode()[:NAME_BYTES - 1]
+        offset = entry * NAME_BYTES
+        self._names[offset + 1:offset + 1 + len(name)] = name
+        self._names[offset] = len(name)  # last: the master reads names by their length
+        row = self._rows[function] = entry * len(OUTCOMES)
+        return row
+
+    def functions(self) -> dict[str, list[float]]:
+        """Counts by function name: ``[ok, failed, timeout]`` (read by the master)."""
+        found: dict[str, list[float]] = {}
+        for entry in range(self._name_base, self._name_base + MAX_FUNCTIONS):
+            offset = entry * NAME_BYTES
+            length = self._names[offset]
+            if not length:
+                break
+            name = bytes(self._names[offset + 1:offset + 1 + length]).decode(errors="replace")
+            row = entry * len(OUTCOMES)
+            found[name] = list(self._counts[row:row + len(OUTCOMES)])
+        return found
+
+    def clear(self) -> None:
+        """Zero every field and the function table (for a new child)."""
+        for field in range(len(FIELDS)):
+            self._cells[self._base + field] = 0
+        start = self._name_base * NAME_BYTES
+        self._names[start:start + MAX_FUNCTIONS * NAME_BYTES] = bytes(MAX_FUNCTIONS * NAME_BYTES)
+        start = self._name_base * len(OUTCOMES)
+        for i in range(start, start + MAX_FUNCTIONS * len(OUTCOMES)):
+            self._counts[i] = 0
+
     def beat(self) -> None:
         """Record that the worker's event loop ran just now."""
         self._cells[self._base + HEARTBEAT] = time.monotonic()
@@ -99,6 +165,14 @@ class Slot:
         return row
 
 
+def add_function_counts(into: dict[str, list[float]], counts: dict[str, list[float]]) -> None:
+    """Add one worker's :meth:`Slot.functions` to running totals ``into``."""
+    for name, row in counts.items():
+        total = into.setdefault(name, [0.0] * len(OUTCOMES))
+        for i, count in enumerate(row):
+            total[i] += count
+
+
 class Scoreboard:
     """``capacity`` slots in anonymous shared memory; make it before forking."""
 
@@ -106,10 +180,14 @@ class Scoreboard:
         self.capacity = capacity
         self._memory = mmap.mmap(-1, capacity * len(FIELDS) * 8)
         self._cells = memoryview(self._memory).cast("d")
+        self._name_memory = mmap.mmap(-1, capacity * MAX_FUNCTIONS * NAME_BYTES)
+        self._names = memoryview(self._name_memory)
+        self._count_memory = mmap.mmap(-1, capacity * MAX_FUNCTIONS * len(OUTCOMES) * 8)
+        self._counts = memoryview(self._count_memory).cast("d")
 
     def slot(self, index: int) -> Slot:
         """The slot at ``index``."""
-        return Slot(self._cells, index)
+        return Slot(self._cells, self._names, self._counts, index)
 
     def claim(self, generation: int) -> int:
         """Give a free slot to a child about to be forked; return its index.
@@ -119,8 +197,7 @@ class Scoreboard:
         for index in range(self.capacity):
             slot = self.slot(index)
             if slot.state == FREE:
-                for field in range(len(FIELDS)):
-                    slot.set(field, 0)
+                slot.clear()
                 now = time.monotonic()
                 slot.set(GENERATION, generation)
                 slot.set(STARTED_AT, now)

@@ -448,27 +448,27 @@ class Worker:
         except gevent.Timeout as exc:
             if exc is not timeout:
                 raise
-            self.slot.add(scoreboard.TIMED_OUT)
+            self.slot.count_task(request.function, scoreboard.TIMED_OUT)
             return encode_error(request.id, TaskTimeout(
                 f"task {request.function!r} ran longer than {seconds:g} s and was stopped; "
                 "raise the request's timeout or [worker] task_timeout, or make the task "
                 "shorter"))
         except RemoteError as exc:
-            self.slot.add(scoreboard.FAILED)
+            self.slot.count_task(request.function, scoreboard.FAILED)
             return encode_error(request.id, exc)
         except (Exception, SystemExit) as exc:
-            self.slot.add(scoreboard.FAILED)
+            self.slot.count_task(request.function, scoreboard.FAILED)
             return encode_error(request.id, self._task_error(request, exc))
         finally:
             timeout.close()
         try:
             line = encode_result(request.id, result)
         except (TypeError, OverflowError) as exc:
-            self.slot.add(scoreboard.FAILED)
+            self.slot.count_task(request.function, scoreboard.FAILED)
             return encode_error(request.id, TaskError(
                 f"task {request.function!r} returned a value that is not JSON ({exc}); "
                 "return dicts, lists, strings, numbers, booleans or None"))
-        self.slot.add(scoreboard.DONE)
+        self.slot.count_task(request.function, scoreboard.DONE)
         return line
 
     def _task_error(self, request: Request, exc: BaseException) -> TaskError:

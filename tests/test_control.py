@@ -153,6 +153,10 @@ def scrape(port: int, path: str = "/metrics") -> dict[tuple[str, tuple], float]:
             for family in text_string_to_metric_families(text) for sample in family.samples}
 
 
+def tasks_total(function: str, outcome: str) -> tuple[str, tuple]:
+    return ("greentask_tasks_total", (("function", function), ("outcome", outcome)))
+
+
 def test_metrics_agree_with_status_and_survive_a_dead_worker(make_daemon):
     import urllib.error
 
@@ -172,9 +176,15 @@ def test_metrics_agree_with_status_and_survive_a_dead_worker(make_daemon):
         metrics = scrape(port)
         status = ujson.loads(greentask("status", "-c", str(daemon.config), "--json").stdout)
         done = sum(w["done"] for w in status["workers"])
-        assert metrics[("greentask_tasks_total", (("outcome", "ok"),))] == done == 10
-        assert metrics[("greentask_tasks_total", (("outcome", "failed"),))] == 2
-        assert metrics[("greentask_tasks_total", (("outcome", "timeout"),))] == 1
+        by_outcome = {outcome: sum(value for (name, labels), value in metrics.items()
+                                   if name == "greentask_tasks_total"
+                                   and dict(labels)["outcome"] == outcome)
+                      for outcome in ("ok", "failed", "timeout")}
+        assert by_outcome == {"ok": done, "failed": 2, "timeout": 1} and done == 10
+        assert metrics[tasks_total("echo", "ok")] == 10
+        assert metrics[tasks_total("fail", "failed")] == 2
+        assert metrics[tasks_total("sleep", "timeout")] == 1
+        assert metrics[tasks_total("sleep", "ok")] == 0
         assert metrics[("greentask_task_duration_seconds_count", ())] == 13
         assert metrics[("greentask_task_duration_seconds_bucket", (("le", "0.005"),))] >= 10
         assert metrics[("greentask_workers", ())] == 2
@@ -183,7 +193,7 @@ def test_metrics_agree_with_status_and_survive_a_dead_worker(make_daemon):
         daemon.wait_for_children(2, 10, exclude={victim})
         client.call("echo", "after")
     after = scrape(port)
-    assert after[("greentask_tasks_total", (("outcome", "ok"),))] >= 11  # never backwards
+    assert after[tasks_total("echo", "ok")] == 11  # never backwards
     assert after[("greentask_worker_restarts_total", (("cause", "crash"),))] == 1
     with pytest.raises(urllib.error.HTTPError) as info:
         scrape(port, "/other")
