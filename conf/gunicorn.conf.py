@@ -21,3 +21,39 @@ accesslog = "-"
 # gunicorn 27 opens a control socket under ~/.gunicorn by default; the gateway
 # needs none.
 control_socket_disable = True
+
+
+# /metrics must sum every worker, not only the one a scrape reaches:
+# prometheus_client's multiprocess mode keeps the counts in files under
+# PROMETHEUS_MULTIPROC_DIR. It must be set before the workers import
+# prometheus_client, so here, in the master (an existing value is kept).
+_made_metrics_dir = None
+
+
+def on_starting(server):
+    import os
+    import tempfile
+
+    global _made_metrics_dir
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        _made_metrics_dir = tempfile.mkdtemp(prefix="greentask-gateway-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = _made_metrics_dir
+    directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    os.makedirs(directory, exist_ok=True)
+    for name in os.listdir(directory):  # counts of an earlier run
+        if name.endswith(".db"):
+            os.unlink(os.path.join(directory, name))
+
+
+def child_exit(server, worker):
+    from prometheus_client import multiprocess
+
+    # A dead worker's open-socket gauge must stop counting.
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    import shutil
+
+    if _made_metrics_dir:
+        shutil.rmtree(_made_metrics_dir, ignore_errors=True)

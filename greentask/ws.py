@@ -11,8 +11,9 @@ pipelined connections to ``[gateway] task_servers``). The greenlet relays
 progress as ``{"id", "event": "progress", "progress"}`` and ends with exactly
 one ``complete`` or ``error`` event. A message that does not start with ``{`` runs
 ``default_function`` with its text and is answered with the plain text
-``task complete``, as the PHP original does. ``GET /`` is a demo page and
-``GET /healthz`` says whether a task server answers.
+``task complete``, as the PHP original does. ``GET /`` is a demo page,
+``GET /healthz`` says whether a task server answers and ``GET /metrics``
+serves Prometheus metrics (:mod:`greentask.gateway_metrics`).
 
 The settings are the ``[gateway]`` section of the file named by
 ``GREENTASK_CONFIG`` (default ``conf/worker.ini``), read when this module is
@@ -33,6 +34,7 @@ import gevent.pool
 import ujson
 from gevent.lock import BoundedSemaphore
 
+from greentask import gateway_metrics as metrics
 from greentask import tls, websocket
 from greentask.client import TaskClient
 from greentask.config import Config, load
@@ -64,7 +66,6 @@ class Gateway:
         self.settings = config.gateway
         self.debug = config.worker.debug
         self._client: TaskClient | None = None
-        self.dropped_results = 0
         #: Open sockets of this worker process, told 1001 when it stops.
         self.sockets: set[Any] = set()
         self._watcher: gevent.Greenlet | None = None
@@ -103,6 +104,9 @@ class Gateway:
             return self._reply(start_response, "400 Bad Request", b"/ws is a WebSocket\n")
         if path == "/":
             return self._reply(start_response, "200 OK", self.page, "text/html; charset=utf-8")
+        if path == "/metrics":
+            return self._reply(start_response, "200 OK", metrics.render(),
+                               "text/plain; version=0.0.4; charset=utf-8")
         if path == "/healthz":
             healthy = self.healthy()
             return self._reply(start_response, "200 OK" if healthy else "503 Service Unavailable",
@@ -129,12 +133,15 @@ class Gateway:
         slots = BoundedSemaphore(self.settings.max_inflight_per_socket)
         running = gevent.pool.Group()
         self.sockets.add(socket)
+        metrics.SOCKETS_OPENED.inc()
+        metrics.SOCKETS_OPEN.inc()
         if self._watcher is None:
             self._watcher = gevent.spawn(self._close_sockets_on_stop, socket.handler.server)
         try:
             self._read_messages(socket, slots, running)
         finally:
             self.sockets.discard(socket)
+            metrics.SOCKETS_OPEN.dec()
 
     def _close_sockets_on_stop(self, server: Any) -> None:
         # gunicorn stops a gevent worker by closing its server, then waits up
@@ -211,6 +218,7 @@ class Gateway:
         except GreentaskError as exc:
             self._send(socket, error_event(None, *self._describe(exc)))
             return
+        metrics.MESSAGES.labels("complete").inc()
         self._send_text(socket, "task complete")
 
     def _describe(self, exc: GreentaskError) -> tuple[str, str]:
@@ -221,16 +229,19 @@ class Gateway:
         return type(exc).__name__, str(exc)
 
     def _send(self, socket: Any, event: dict[str, Any]) -> None:
+        kind = event["event"]
+        if kind != "progress":
+            metrics.MESSAGES.labels(kind if kind == "complete" else event["error"]["type"]).inc()
         self._send_text(socket, ujson.dumps(event, ensure_ascii=False))
 
     def _send_text(self, socket: Any, text: str) -> None:
         if socket.closed:
-            self.dropped_results += 1
+            metrics.DROPPED.inc()
             return
         try:
             socket.send(text)
         except Exception:  # the browser went away mid-send: drop, count, go on
-            self.dropped_results += 1
+            metrics.DROPPED.inc()
 
 
 def _message_id(message: str | bytes) -> Any:

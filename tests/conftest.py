@@ -238,7 +238,7 @@ class Gateway:
     """gunicorn with the design card's -k command line, stopped by pid in teardown."""
 
     def __init__(self, tmp_path: Path, task_servers: str, use_conf_file: bool = False,
-                 **settings: object) -> None:
+                 workers: int = 1, **settings: object) -> None:
         self.port = free_port()
         lines = ["[gateway]", f"task_servers = {task_servers}"]
         lines += [f"{key} = {value}" for key, value in settings.items()]
@@ -249,7 +249,8 @@ class Gateway:
         how = ["-c", "conf/gunicorn.conf.py"] if use_conf_file else \
             ["-k", WORKER_CLASS, "--no-control-socket"]
         self.proc = subprocess.Popen(
-            [GUNICORN, *how, "-b", f"127.0.0.1:{self.port}", "greentask.ws:app"], cwd=ROOT,
+            [GUNICORN, *how, "-b", f"127.0.0.1:{self.port}", "-w", str(workers),
+             "greentask.ws:app"], cwd=ROOT,
             stdout=log, stderr=subprocess.STDOUT,
             env={**os.environ, "GREENTASK_CONFIG": str(self.config)})
         log.close()

@@ -1,0 +1,139 @@
+"""The gateway under faults: task servers restarting under load, a thousand
+browsers vanishing, and the /metrics that shows it."""
+
+from __future__ import annotations
+
+import json
+import resource
+import signal
+import socket
+import threading
+import time
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from .conftest import wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+#: How long each vanishing browser's task runs (it must outlive the connecting).
+TASK_SECONDS = 10
+
+
+def scrape(gateway) -> dict[tuple[str, tuple], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{gateway.port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def messages(metrics: dict, outcome: str) -> float:
+    return metrics.get(("greentask_gateway_messages_total", (("outcome", outcome),)), 0)
+
+
+def test_metrics_sum_every_gunicorn_worker(daemon, make_gateway):
+    gateway = make_gateway(daemon, use_conf_file=True, workers=2)
+    sockets = [gateway.connect() for _ in range(10)]
+    for i, ws in enumerate(sockets):
+        ws.send(json.dumps({"function": "echo", "args": [i], "id": i}))
+        ws.send(json.dumps({"function": "echo", "args": [i], "id": i + 100}))
+    sockets[0].send(json.dumps({"function": "pid", "id": 1}))  # not in expose
+    sockets[1].send("{broken")
+    for ws in sockets:
+        finals = 3 if ws in sockets[:2] else 2
+        for _ in range(finals):
+            json.loads(ws.recv())
+    for ws in sockets[:4]:
+        ws.close()
+    expected = {("complete",): 20, ("NotExposed",): 1, ("BadRequest",): 1}
+
+    def settled():
+        metrics = scrape(gateway)
+        return metrics if metrics[("greentask_gateway_sockets", ())] == 6 else None
+    # Each scrape reaches one of the two workers; every one must show both.
+    for _ in range(8):
+        metrics = wait_until(settled, 10, "closed sockets to be counted")
+        assert {(o,): messages(metrics, o) for (o,) in expected} == expected
+        assert metrics[("greentask_gateway_sockets_opened_total", ())] == 10
+
+
+def test_keeps_serving_while_the_task_servers_reload_and_restart(make_daemon, make_gateway):
+    daemon = make_daemon()
+    gateway = make_gateway(daemon)
+    finals: list[dict] = []
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def browser(n: int) -> None:
+        try:
+            ws = gateway.connect()
+            i = 0
+            while not stop.is_set():
+                i += 1
+                ws.send(json.dumps({"function": "echo", "args": [n, i], "id": i}))
+                event = json.loads(ws.recv())
+                assert event["id"] == i
+                finals.append(event)
+            ws.close()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=browser, args=(n,)) for n in range(20)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1)
+    for _ in range(2):  # reloads lose nothing
+        daemon.signal(signal.SIGHUP)
+        time.sleep(1.5)
+    during_reloads = len(finals)
+    assert all(event["event"] == "complete" for event in finals[:during_reloads])
+    daemon.signal(signal.SIGTERM)  # a full restart: calls fail, each with an error event
+    assert daemon.wait(15) == 0
+    time.sleep(1)
+    daemon.start()
+    time.sleep(1.5)
+    stop.set()
+    for thread in threads:
+        thread.join(30)
+    assert not errors, errors[:3]
+    assert during_reloads > 200
+    kinds = {event["event"] if event["event"] == "complete" else event["error"]["type"]
+             for event in finals}
+    assert kinds <= {"complete", "ConnectionFailed", "WorkerLost"}, kinds
+    assert finals[-1]["event"] == "complete"  # served again after the restart
+    assert gateway.proc.poll() is None
+
+
+def test_a_thousand_browsers_vanish_without_a_close_frame(daemon, make_gateway):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 4096 <= hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (4096, hard))
+    gateway = make_gateway(daemon)
+    vanished = []
+    started = time.monotonic()
+    for i in range(1000):
+        ws = gateway.connect()
+        ws.send(json.dumps({"function": "sleep", "args": [TASK_SECONDS], "id": i}))
+        vanished.append(ws)
+    # Every task must still be running when its browser vanishes.
+    assert time.monotonic() - started < TASK_SECONDS - 1
+    for ws in vanished:
+        ws.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+        ws.sock.close()  # a reset, no close frame: a crashed tab or a lost network
+    survivor = gateway.connect()
+    survivor.send(json.dumps({"function": "echo", "args": ["still here"], "id": 1}))
+    assert json.loads(survivor.recv())["result"] == ["still here"]
+
+    def drained():
+        metrics = scrape(gateway)
+        return metrics if metrics[("greentask_gateway_sockets", ())] == 1 and \
+            messages(metrics, "complete") >= 1001 else None
+    metrics = wait_until(drained, 30, "the vanished sockets' tasks to finish")
+    assert metrics[("greentask_gateway_results_dropped_total", ())] == 1000
+    assert metrics[("greentask_gateway_sockets_opened_total", ())] == 1001
+    assert gateway.proc.poll() is None
+    assert "Traceback" not in gateway.log()
+    survivor.send(json.dumps({"function": "echo", "args": ["after"], "id": 2}))
+    assert json.loads(survivor.recv())["result"] == ["after"]
