@@ -340,6 +340,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("worker", "max_line", "1MiB", to_size,
             "Longest request line; a longer one is answered with TooLarge and the "
             "connection is closed."),
+    Setting("worker", "max_json_depth", "64", to_positive_int,
+            "Deepest nesting of arrays and objects in a request (the request itself is "
+            "level 1); a deeper one is answered with BadRequest."),
     Setting("worker", "auth_token_file", "none", to_secret_file,
             "File holding a shared token; when set, a connection must send it first "
             "({\"auth\": TOKEN}) or is answered Unauthorized and closed."),

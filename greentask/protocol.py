@@ -33,6 +33,8 @@ RequestId = int | str | None
 
 #: Default longest accepted line, its newline excluded (1 MiB).
 DEFAULT_MAX_LINE = 1024 * 1024
+#: Default deepest nesting of arrays and objects in a request, the request object included.
+DEFAULT_MAX_DEPTH = 64
 
 _REQUEST_FIELDS = frozenset(("function", "args", "id", "progress", "timeout"))
 
@@ -114,27 +116,48 @@ class Request:
     timeout: float | None = None
 
 
-def parse_request(line: bytes) -> Request:
+def parse_request(line: bytes, max_depth: int = DEFAULT_MAX_DEPTH) -> Request:
     """Decode one request line.
 
-    Raises :class:`BadRequest` when the line is not a JSON object or a field
-    has the wrong type. The error's ``request_id`` attribute holds the id when
+    Raises :class:`BadRequest` when the line is not a JSON object, nests
+    arrays and objects more than ``max_depth`` levels deep, or a field has
+    the wrong type. The error's ``request_id`` attribute holds the id when
     one could be read, so the reply can still be matched by the caller.
     """
     try:
         obj = ujson.loads(line)
-    except ValueError as exc:  # JSONDecodeError, invalid UTF-8, nesting too deep
+    except ValueError as exc:  # JSONDecodeError, invalid UTF-8, deeper than ujson's 1024
         raise BadRequest(f"request is not valid JSON ({exc}); send one JSON object "
                          "per line, UTF-8 encoded") from None
     if not isinstance(obj, dict):
         raise BadRequest(f"request must be a JSON object, not {_json_kind(obj)}; "
                          'send {"function": NAME, "args": ...}')
     request_id = obj.get("id")
+    # Each level needs a bracket: counting them (in C) clears almost every
+    # line without walking the parsed value.
+    if line.count(b"[") + line.count(b"{") > max_depth and _deeper_than(obj, max_depth):
+        exc = BadRequest(f"request nests arrays and objects more than {max_depth} levels "
+                         "deep ([worker] max_json_depth); flatten the arguments")
+        exc.request_id = _valid_id_or_none(request_id)
+        raise exc
     try:
         return _request_from_object(obj, request_id)
     except BadRequest as exc:
         exc.request_id = _valid_id_or_none(request_id)
         raise
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """True when ``value`` nests lists and dicts more than ``limit`` levels deep."""
+    stack = [(value, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = value.values() if isinstance(value, dict) else value
+        stack.extend((child, depth + 1) for child in children
+                     if isinstance(child, (list, dict)))
+    return False
 
 
 def _request_from_object(obj: dict[str, Any], request_id: Any) -> Request:

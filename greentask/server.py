@@ -123,6 +123,7 @@ class Connection:
         self._partial_since: float | None = None
         self.last_active = time.monotonic()
         self._max_inflight = worker.config.worker.max_inflight_per_connection
+        self._max_depth = worker.config.worker.max_json_depth
         self._below_limit = Event()
         self._below_limit.set()
         self.decoder = LineDecoder(worker.config.worker.max_line)
@@ -225,7 +226,7 @@ class Connection:
             self._authenticate(line)
             return
         try:
-            request = parse_request(line)
+            request = parse_request(line, self._max_depth)
         except BadRequest as exc:
             self.send(encode_error(exc.request_id, exc))
             return

@@ -316,3 +316,13 @@ def test_a_peer_that_never_reads_its_replies_is_cut_off_after_idle_timeout(make_
     wait_until(cut_off, 15, "the stalled connection to be closed")
     with TaskClient([daemon.address]) as client:
         assert client.call("echo", "fine") == ["fine"]
+
+
+def test_max_json_depth_is_a_setting_answered_with_bad_request(make_daemon, connect):
+    daemon = make_daemon(processes=1, max_json_depth=4)
+    conn = connect(daemon.port)
+    deep = conn.call({"function": "echo", "args": [[[["four levels"]]]], "id": 1})
+    assert deep["error"]["type"] == "BadRequest"
+    assert "max_json_depth" in deep["error"]["message"] and deep["id"] == 1
+    assert conn.call({"function": "echo", "args": [[["three"]]], "id": 2})["result"] == \
+        [[["three"]]]

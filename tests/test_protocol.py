@@ -233,3 +233,21 @@ def test_every_request_kind_decodes_the_same_whole_bytewise_and_in_random_chunks
         sizes = [rng.randint(1, 64) for _ in range(rng.randint(1, 40))]
         lines = feed_in_chunks(LineDecoder(), stream, sizes)
         assert [outcome(line) for line in lines] == expected
+
+
+def test_nesting_is_capped_by_max_depth_and_brackets_in_strings_do_not_count():
+    def nested(levels: int) -> bytes:  # the request object is level 1
+        return b'{"function": "echo", "id": 9, "args": ' + b"[" * (levels - 1) + \
+            b"]" * (levels - 1) + b"}"
+    assert parse_request(nested(5), max_depth=5).function == "echo"
+    with pytest.raises(BadRequest, match=r"more than 5 levels deep \(\[worker\] max_json_depth\)") \
+            as info:
+        parse_request(nested(6), max_depth=5)
+    assert info.value.request_id == 9
+    many_brackets = b'{"function": "echo", "args": ["[[[[[[{{{{{{", {"a": [1]}]}'
+    assert parse_request(many_brackets, max_depth=4).args == ["[[[[[[{{{{{{", {"a": [1]}]
+    with pytest.raises(BadRequest, match="levels deep"):
+        parse_request(b'{"function": "echo", "args": {"a": {"b": {"c": 1}}}}', max_depth=3)
+    assert parse_request(nested(64)).function == "echo"  # the default
+    with pytest.raises(BadRequest, match="64 levels"):
+        parse_request(nested(65))
