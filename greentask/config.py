@@ -440,8 +440,10 @@ SETTINGS: tuple[Setting, ...] = (
             "Port of that SMTP server."),
     Setting("smtp", "sender", "greentask@localhost", to_text,
             "Envelope and From address of the mail example tasks."),
-    Setting("smtp", "max_parallel", "10", to_positive_int,
-            "SMTP sessions one send_bulk task keeps open at once; each sends many messages."),
+    Setting("smtp", "max_parallel", "50", to_positive_int,
+            "SMTP sessions one worker process keeps open at once, shared by its mail tasks "
+            "and reused between them; each sends many messages. 50 is Postfix's default "
+            "limit per client."),
 )
 
 _BY_SECTION: dict[str, dict[str, Setting]] = {}

@@ -9,8 +9,10 @@
  *   websocket   a WebSocket (GET /ws) per slot; REQUEST is sent as a masked
  *               text frame and every text frame back counts as one reply
  * Prints one JSON object: count, errors, elapsed seconds, p50/p99 latency in
- * microseconds, and the CPU seconds this process used, so the reader can see
- * whether the generator itself was the bottleneck.
+ * microseconds, the CPU seconds this process used (so the reader can see
+ * whether the generator itself was the bottleneck), and "starved": how many
+ * slots had a whole second of the run in which none of their requests
+ * completed (0 means every connection made progress every second).
  *
  * Build: cc -O2 -o loadgen loadgen.c
  * Usage: loadgen HOST PORT CONNECTIONS SECONDS MODE REQUEST [INFLIGHT]
@@ -52,6 +54,9 @@ static enum mode mode;
 static int inflight = 1;
 static int epfd;
 static uint32_t *histogram;
+static uint32_t *per_second; /* completions per slot per whole second of the run */
+static int run_seconds;
+static double started_at;
 static long count, errors;
 static char host_header[128];
 
@@ -126,9 +131,12 @@ static void drop(slot_t *slot) {
     }
 }
 
-static void record_reply(slot_t *slot) {
+static void record_reply(slot_t *slot, int index) {
     if (!slot->count) return;
-    long us = (long)((now() - slot->sent_at[slot->head]) * 1e6);
+    double at = now();
+    int second = (int)(at - started_at);
+    if (second < run_seconds) per_second[(size_t)index * run_seconds + second]++;
+    long us = (long)((at - slot->sent_at[slot->head]) * 1e6);
     histogram[us < MAX_US ? us : MAX_US]++;
     count++;
     slot->head = (slot->head + 1) % MAX_INFLIGHT;
@@ -222,6 +230,8 @@ int main(int argc, char **argv) {
     }
     build_request(argv[6]);
     histogram = calloc(MAX_US + 1, sizeof *histogram);
+    run_seconds = (int)seconds; /* whole seconds only: the last partial one is not judged */
+    per_second = calloc((size_t)connections * (run_seconds ? run_seconds : 1), sizeof *per_second);
     slot_t *slots = calloc((size_t)connections, sizeof *slots);
     epfd = epoll_create1(0);
 
@@ -231,6 +241,7 @@ int main(int argc, char **argv) {
             if (send_request(&slots[i], i) < 0) { errors++; drop(&slots[i]); break; }
     }
     double start = now(), deadline = start + seconds;
+    started_at = start;
     struct epoll_event events[512];
     unsigned char buffer[65536];
     while (now() < deadline) {
@@ -247,7 +258,7 @@ int main(int argc, char **argv) {
                 continue; /* reopened below */
             }
             for (int r = 0; r < replies; r++) {
-                record_reply(slot);
+                record_reply(slot, i);
                 if (mode == CONNECT) drop(slot);
                 if (send_request(slot, i) < 0) { errors++; drop(slot); break; }
             }
@@ -265,8 +276,12 @@ int main(int argc, char **argv) {
     getrusage(RUSAGE_SELF, &usage);
     double cpu = usage.ru_utime.tv_sec + usage.ru_utime.tv_usec / 1e6 +
                  usage.ru_stime.tv_sec + usage.ru_stime.tv_usec / 1e6;
+    long starved = 0;
+    for (int i = 0; i < connections; i++)
+        for (int second = 0; second < run_seconds; second++)
+            if (!per_second[(size_t)i * run_seconds + second]) { starved++; break; }
     printf("{\"count\": %ld, \"errors\": %ld, \"seconds\": %.3f, \"p50_us\": %ld, "
-           "\"p99_us\": %ld, \"cpu_seconds\": %.3f}\n",
-           count, errors, elapsed, percentile(0.50), percentile(0.99), cpu);
+           "\"p99_us\": %ld, \"cpu_seconds\": %.3f, \"starved\": %ld}\n",
+           count, errors, elapsed, percentile(0.50), percentile(0.99), cpu, starved);
     return 0;
 }

@@ -28,6 +28,7 @@ def test_bench_prints_a_row_per_scenario_without_errors():
     for cells in rows:
         assert int(cells[2].replace(",", "")) > 0  # tasks/s
         assert cells[7].strip() == "0"  # errors
+        assert cells[8].strip() == "0"  # starved connections
 
 
 def test_bench_gateway_mode_prints_a_row_per_worker_count():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import threading
 
 import pytest
 from aiosmtpd.controller import Controller
@@ -11,28 +10,9 @@ from aiosmtpd.controller import Controller
 from greentask import TaskClient
 
 from .conftest import free_port
+from .smtp_sink import Inbox
 
 pytestmark = pytest.mark.timeout(120)
-
-
-class Inbox:
-    """aiosmtpd handler that keeps every envelope it accepts."""
-
-    def __init__(self, refuse: str | None = None) -> None:
-        self.refuse = refuse
-        self.messages: list[tuple[str, list[str], bytes]] = []
-        self.lock = threading.Lock()
-
-    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
-        if address == self.refuse:
-            return "550 no such user here"
-        envelope.rcpt_tos.append(address)
-        return "250 OK"
-
-    async def handle_DATA(self, server, session, envelope):
-        with self.lock:
-            self.messages.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.content))
-        return "250 Message accepted for delivery"
 
 
 @pytest.fixture
@@ -46,8 +26,9 @@ def smtp_server():
 
 def test_send_bulk_delivers_to_1000_users_exactly_once_with_progress(make_daemon, smtp_server):
     controller, inbox = smtp_server
+    inbox.delay = 0.02  # the seed's slow mail server; scripts/bench --mail times this
     daemon = make_daemon(smtp={"host": "127.0.0.1", "port": controller.port,
-                               "sender": "news@example.org", "max_parallel": 10})
+                               "sender": "news@example.org", "max_parallel": 50})
     recipients = [f"user{i}@example.org" for i in range(1000)]
     seen = []
     with TaskClient([daemon.address], timeout=100) as client:
@@ -61,6 +42,47 @@ def test_send_bulk_delivers_to_1000_users_exactly_once_with_progress(make_daemon
     assert len(seen) == 1000
     assert seen[-1] == {"done": 1000, "total": 1000}
     assert [p["done"] for p in seen] == list(range(1, 1001))
+    assert inbox.sessions <= 2 * 50  # sessions carry many messages each (two processes)
+
+
+def test_sessions_are_pooled_across_tasks_and_reopened_when_the_server_dropped_them(
+        make_daemon):
+    inbox, port = Inbox(), free_port()
+    controller = Controller(inbox, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        daemon = make_daemon(processes=1, smtp={"port": port, "max_parallel": 5})
+        with TaskClient([daemon.address], timeout=60) as client:
+            first = [f"first{i}@example.org" for i in range(100)]
+            assert client.call("send_bulk", first, "s", "b")["sent"] == 100
+            assert client.call("send_mail", "one@example.org", "s", "b") == {"sent": 1}
+            assert inbox.sessions == 5  # the second task reused the first one's sessions
+            controller.stop()  # every pooled session is now dead
+            controller = Controller(inbox, hostname="127.0.0.1", port=port)
+            controller.start()
+            second = [f"second{i}@example.org" for i in range(100)]
+            result = client.call("send_bulk", second, "s", "b")
+    finally:
+        controller.stop()
+    assert result == {"sent": 100, "total": 100, "failed": {}}
+    assert collections.Counter(inbox.recipients()) == collections.Counter(
+        [*first, "one@example.org", *second])
+
+
+def test_a_session_cut_during_data_is_reported_never_resent(make_daemon, tmp_path):
+    inbox = Inbox(cut_after_data="lost-reply@example.org")
+    controller = Controller(inbox, hostname="127.0.0.1", port=free_port())
+    controller.start()
+    try:
+        daemon = make_daemon(processes=1, smtp={"port": controller.port, "max_parallel": 3})
+        recipients = [f"u{i}@example.org" for i in range(20)] + ["lost-reply@example.org"]
+        with TaskClient([daemon.address], timeout=60) as client:
+            result = client.call("send_bulk", recipients, "s", "b")
+    finally:
+        controller.stop()
+    assert result["sent"] == 20
+    assert "may or may not have been delivered" in result["failed"]["lost-reply@example.org"]
+    assert collections.Counter(inbox.recipients()) == collections.Counter(recipients)
 
 
 def test_refused_recipient_is_reported_and_the_rest_delivered(make_daemon, smtp_server):

@@ -1,79 +1,207 @@
 """The seed's scenario: send e-mail, to one user or to a thousand, through ``[smtp]``.
 
-``send_bulk`` keeps up to ``[smtp] max_parallel`` SMTP sessions open and sends
-many messages on each, so a thousand recipients cost a few connections, not a
-thousand greetings. A session that breaks is reopened and the message it was
-sending is tried once more; a recipient the server refuses is reported, not
-retried.
+Theory of operation
+-------------------
+Each worker process keeps a pool of SMTP sessions (:class:`SessionPool`, at
+most ``[smtp] max_parallel`` open at once, shared by every task of the
+process). ``send_bulk`` runs that many greenlets, each taking a session and
+sending message after message on it, so a thousand recipients cost a few
+dozen greetings, not a thousand; sessions stay open for the next task.
+
+A message is rendered once per task; each recipient only adds its ``To``
+line. Each message is sent as MAIL, RCPT, DATA. If the session turns out to
+be broken before DATA (a server that timed an idle session out), it is
+reopened and the message sent again: the server cannot have it yet. If the
+session breaks during DATA, the server may or may not have accepted the
+message, so it is reported as failed, never sent twice. A recipient the
+server refuses is reported, not retried.
 """
 
 from __future__ import annotations
 
+import re
 import smtplib
+import time
 from collections.abc import Iterator
 from email.message import EmailMessage
+from email.policy import SMTP as SMTP_POLICY
 from typing import Any
 
 import gevent.pool
+from gevent.lock import BoundedSemaphore
 
 from greentask.config import current
 from greentask.registry import progress, task
 
 #: Seconds an SMTP connect or command may take.
 SMTP_TIMEOUT = 30.0
+#: An idle pooled session older than this is closed rather than reused (seconds);
+#: servers drop idle sessions (Postfix after 300 s).
+SESSION_IDLE_LIMIT = 60.0
+#: Addresses that can go into a To line as they are; others take the slow path.
+_PLAIN_ADDRESS = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~@-]{1,254}")
 
 
-def build_message(sender: str, to: str, subject: str, body: str) -> EmailMessage:
-    """A plain-text message."""
-    message = EmailMessage()
-    message["From"] = sender
-    message["To"] = to
-    message["Subject"] = subject
-    message.set_content(body)
-    return message
+class MessageTemplate:
+    """One message rendered once; :meth:`for_recipient` adds the ``To`` line."""
+
+    def __init__(self, sender: str, subject: str, body: str) -> None:
+        self.sender, self.subject, self.body = sender, subject, body
+        message = EmailMessage(policy=SMTP_POLICY)
+        message["From"] = sender
+        message["Subject"] = subject
+        message.set_content(body)
+        self._rendered = message.as_bytes()
+
+    def for_recipient(self, to: str) -> bytes:
+        """The message's bytes, addressed to ``to``."""
+        if _PLAIN_ADDRESS.fullmatch(to):
+            return b"To: " + to.encode() + b"\r\n" + self._rendered
+        # Non-ASCII or unusual addresses: let the email package encode (or refuse) them.
+        message = EmailMessage(policy=SMTP_POLICY)
+        message["From"] = self.sender
+        message["To"] = to
+        message["Subject"] = self.subject
+        message.set_content(self.body)
+        return message.as_bytes()
 
 
-class SmtpSender:
-    """One SMTP session, reopened when it breaks."""
+class NotDelivered(Exception):
+    """One message was not delivered; the text says why.
 
-    def __init__(self) -> None:
-        self.settings = current().smtp
-        self._session: smtplib.SMTP | None = None
+    ``session``: the session to go on with (None when it was closed);
+    ``unreachable``: no session could be opened at all.
+    """
 
-    def send(self, to: str, subject: str, body: str) -> None:
-        """Deliver one message; raises ``smtplib.SMTPException`` or ``OSError``."""
-        message = build_message(self.settings.sender, to, subject, body)
-        for attempt in (1, 2):
+    def __init__(self, reason: str, session: smtplib.SMTP | None,
+                 unreachable: bool = False) -> None:
+        super().__init__(reason)
+        self.session = session
+        self.unreachable = unreachable
+
+
+class SessionPool:
+    """At most ``size`` SMTP sessions of this process, kept open between tasks."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._slots = BoundedSemaphore(size)
+        self._idle: list[tuple[smtplib.SMTP, float]] = []
+
+    def take(self) -> smtplib.SMTP | None:
+        """Wait for a slot; return an idle session, or None (one is opened on first send)."""
+        self._slots.acquire()
+        now = time.monotonic()
+        while self._idle:
+            session, since = self._idle.pop()
+            if now - since < SESSION_IDLE_LIMIT:
+                return session
+            _quit(session)
+        return None
+
+    def give_back(self, session: smtplib.SMTP | None) -> None:
+        """Return the slot, keeping ``session`` (if any) open for the next task."""
+        if session is not None:
+            self._idle.append((session, time.monotonic()))
+        self._slots.release()
+
+
+def deliver(session: smtplib.SMTP | None, sender: str, to: str, data: bytes) -> smtplib.SMTP:
+    """Send one message on ``session`` (opening one when None); return the session to reuse.
+
+    Raises :class:`NotDelivered`. A session found broken before DATA is
+    reopened once; one that breaks during DATA is not: the server may have
+    the message already.
+    """
+    settings = current().smtp
+    for attempt in (1, 2):
+        if session is None:
             try:
-                if self._session is None:
-                    self._session = smtplib.SMTP(self.settings.host, self.settings.port,
-                                                 timeout=SMTP_TIMEOUT)
-                self._session.send_message(message, self.settings.sender, [to])
-                return
-            except (smtplib.SMTPServerDisconnected, ConnectionError):
-                # The session broke before the server accepted the message.
-                self._session = None
-                if attempt == 2:
-                    raise
+                session = smtplib.SMTP(settings.host, settings.port, timeout=SMTP_TIMEOUT)
+                session.ehlo_or_helo_if_needed()
+            except OSError as exc:
+                raise NotDelivered(f"cannot reach the SMTP server {settings.host}:"
+                                   f"{settings.port}: {type(exc).__name__}: {exc}", None,
+                                   unreachable=True) from None
+        try:
+            _check(session.mail(sender))
+            _check(session.rcpt(to))
+        except smtplib.SMTPResponseException as exc:
+            if exc.smtp_code != 421:  # 421: the server is closing the session
+                raise NotDelivered(_describe(exc), _reset(session)) from None
+            session.close()
+            session = None
+        except OSError:  # disconnected or timed out: nothing was sent yet
+            session.close()
+            session = None
+        else:
+            break
+        if attempt == 2:
+            raise NotDelivered("the SMTP session broke twice before the message was sent",
+                               None)
+    assert session is not None
+    try:
+        _check(session.data(data))
+    except smtplib.SMTPResponseException as exc:
+        raise NotDelivered(_describe(exc), _reset(session)) from None
+    except OSError as exc:
+        session.close()
+        raise NotDelivered(f"the SMTP session broke during DATA ({exc}); the message may or "
+                           "may not have been delivered, so it is not sent again", None) from None
+    return session
 
-    def close(self) -> None:
-        """End the session politely."""
-        if self._session is not None:
-            try:
-                self._session.quit()
-            except (smtplib.SMTPException, OSError):
-                pass
-            self._session = None
+
+def _check(reply: tuple[int, bytes]) -> None:
+    code, text = reply
+    if not 200 <= code < 300:
+        raise smtplib.SMTPResponseException(code, text)
+
+
+def _describe(exc: smtplib.SMTPResponseException) -> str:
+    return f"{type(exc).__name__}: ({exc.smtp_code}, {exc.smtp_error!r})"
+
+
+def _reset(session: smtplib.SMTP) -> smtplib.SMTP | None:
+    """Clear a refused transaction; the session, or None if that broke it."""
+    try:
+        session.rset()
+        return session
+    except (smtplib.SMTPException, OSError):
+        session.close()
+        return None
+
+
+def _quit(session: smtplib.SMTP) -> None:
+    try:
+        session.quit()
+    except (smtplib.SMTPException, OSError):
+        session.close()
+
+
+_pool: SessionPool | None = None
+
+
+def session_pool() -> SessionPool:
+    """This process's pool, sized by ``[smtp] max_parallel``."""
+    global _pool
+    if _pool is None:
+        _pool = SessionPool(current().smtp.max_parallel)
+    return _pool
 
 
 @task
 def send_mail(to: str, subject: str, body: str) -> dict[str, Any]:
     """Send one message; returns ``{"sent": 1}``."""
-    sender = SmtpSender()
+    pool = session_pool()
+    template = MessageTemplate(current().smtp.sender, subject, body)
+    session = pool.take()
     try:
-        sender.send(to, subject, body)
+        session = deliver(session, template.sender, to, template.for_recipient(to))
+    except NotDelivered as exc:
+        session = exc.session
+        raise RuntimeError(f"not delivered to {to}: {exc}") from None
     finally:
-        sender.close()
+        pool.give_back(session)
     return {"sent": 1}
 
 
@@ -85,6 +213,8 @@ def send_bulk(recipients: list[str], subject: str, body: str) -> dict[str, Any]:
     """
     if not isinstance(recipients, list) or not all(isinstance(r, str) for r in recipients):
         raise ValueError("recipients must be a list of e-mail addresses (strings)")
+    pool = session_pool()
+    template = MessageTemplate(current().smtp.sender, subject, body)
     total = len(recipients)
     pending = iter(recipients)
     failed: dict[str, str] = {}
@@ -92,23 +222,24 @@ def send_bulk(recipients: list[str], subject: str, body: str) -> dict[str, Any]:
 
     def work() -> None:
         nonlocal done
-        sender = SmtpSender()
+        session = pool.take()
         try:
             for to in pending:
                 try:
-                    sender.send(to, subject, body)
-                except (smtplib.SMTPException, OSError) as exc:
-                    failed[to] = f"{type(exc).__name__}: {exc}"
-                    if isinstance(exc, OSError) and not isinstance(exc, smtplib.SMTPException):
+                    session = deliver(session, template.sender, to, template.for_recipient(to))
+                except NotDelivered as exc:
+                    session = exc.session
+                    failed[to] = str(exc)
+                    if exc.unreachable:
                         done += _fail_rest(pending, failed, exc)
                 done += 1
                 progress({"done": done, "total": total})
         finally:
-            sender.close()
+            pool.give_back(session)
 
     sessions = gevent.pool.Group()
     try:
-        for _ in range(min(current().smtp.max_parallel, total)):
+        for _ in range(min(pool.size, total)):
             sessions.spawn(work)
         sessions.join(raise_error=True)
     finally:
@@ -116,11 +247,11 @@ def send_bulk(recipients: list[str], subject: str, body: str) -> dict[str, Any]:
     return {"sent": total - len(failed), "total": total, "failed": failed}
 
 
-def _fail_rest(pending: Iterator[str], failed: dict[str, str], exc: OSError) -> int:
+def _fail_rest(pending: Iterator[str], failed: dict[str, str], exc: Exception) -> int:
     # The server cannot be reached even after a reconnect: trying the other
     # recipients would only wait out the same error for each of them.
     count = 0
     for to in pending:
-        failed[to] = f"not sent, the SMTP server is unreachable ({exc})"
+        failed[to] = f"not sent: {exc}"
         count += 1
     return count
