@@ -44,7 +44,6 @@ import gevent.socket
 import greenlet
 from gevent.event import Event
 from gevent.lock import Semaphore
-from gevent.pool import Pool
 from gevent.server import StreamServer
 
 from greentask import scoreboard, tls
@@ -77,8 +76,8 @@ log = logging.getLogger("greentask.worker")
 RECV_SIZE = 64 * 1024
 #: How long a connection closed for a too-long line keeps discarding input (seconds).
 LINGER_SECONDS = 2.0
-#: Idle task greenlets always kept for reuse (each holds about 20 KiB); above
-#: this, each heartbeat frees those the last interval's peak did not need.
+#: Idle greenlets (they run tasks and connections) always kept for reuse, each
+#: about 20 KiB; above this, each heartbeat frees those the last peak did not need.
 IDLE_RUNNERS_FLOOR = 64
 #: After telling an idle pipelining peer to close, how long to wait for it (seconds).
 IDLE_GRACE = 10.0
@@ -87,9 +86,20 @@ IDLE_GRACE = 10.0
 HEARTBEAT_INTERVAL = 1.0
 #: Longest TLS handshake; a peer that takes longer is disconnected (seconds).
 HANDSHAKE_TIMEOUT = 10.0
+#: Task limits at least this long are enforced by a sweep every
+#: DEADLINE_SWEEP_INTERVAL instead of a timer per task, which costs about a
+#: microsecond per task; shorter ones get their own timer (seconds).
+COARSE_TIMEOUT_MIN = 2.0
+#: How often the sweep checks running tasks against their deadline (seconds).
+DEADLINE_SWEEP_INTERVAL = 0.25
 #: How often a draining worker checks whether its peers have closed (seconds).
 DRAIN_POLL_INTERVAL = 0.05
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+class _Expired(BaseException):
+    """Thrown into a task past its deadline by the sweep (BaseException, like gevent.Timeout,
+    so a task's ``except Exception`` does not swallow it)."""
 
 
 def shutdown_socket(sock: socket.socket, how: int) -> None:
@@ -301,16 +311,20 @@ class Worker:
         #: one stops reading (backpressure).
         self.slots = Semaphore(config.worker.concurrency)
         self.tasks: set[greenlet.greenlet] = set()
+        #: Finished greenlets kept to run the next task or connection.
         self._idle_runners: list[greenlet.greenlet] = []
-        self._peak_tasks = 0
+        self._busy_runners = 0
+        self._peak_busy_runners = 0
         self._loop = gevent.get_hub().loop
         self._no_tasks = Event()
         self._no_tasks.set()
-        # A full pool stops this process accepting; the kernel queues new
-        # connections for its siblings (or until one closes).
-        self.server = StreamServer(listener, self.handle_connection,
-                                   spawn=Pool(config.worker.max_connections))
+        #: Running tasks with a coarse limit: greenlet -> (deadline, what to throw).
+        self._deadlines: dict[greenlet.greenlet, tuple[float, _Expired]] = {}
+        self.server = StreamServer(listener, self.handle_connection, spawn=self._spawn_reusing)
         settings = config.worker
+        self._max_connections = settings.max_connections
+        self._open_sockets = 0
+        self._accept_paused = False
         self.ssl_context = None if settings.certfile is None else tls.server_context(
             settings.certfile, settings.keyfile, settings.ca_certs)
         token = config.worker.auth_token_file
@@ -325,9 +339,25 @@ class Worker:
         self._stopped = Event()
 
     def handle_connection(self, sock: socket.socket, address: Any) -> None:
-        """StreamServer handler: serve one connection until it ends."""
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        peer = str(address[0]) if address else "?"
+        """StreamServer handler: serve one connection until it ends.
+
+        TCP_NODELAY is set on the listener, and accepted sockets inherit it.
+        """
+        self._open_sockets += 1
+        if self._open_sockets >= self._max_connections:
+            # Full: stop accepting; the kernel queues new connections for
+            # this process's siblings (or until one of these closes).
+            self._accept_paused = True
+            self.server.stop_accepting()
+        try:
+            self._serve_socket(sock, str(address[0]) if address else "?")
+        finally:
+            self._open_sockets -= 1
+            if self._accept_paused and not self.draining:
+                self._accept_paused = False
+                self.server.start_accepting()
+
+    def _serve_socket(self, sock: socket.socket, peer: str) -> None:
         if self.ssl_context is not None:
             sock = self._handshake(sock, peer)
             if sock is None:
@@ -386,27 +416,36 @@ class Worker:
     def spawn_in_slot(self, function: Callable[..., None], *args: Any) -> None:
         """Start ``function`` in its own greenlet once a task slot is free."""
         self.slots.acquire()
-        if self._idle_runners:
-            runner = self._idle_runners.pop()
-            self._loop.run_callback(runner.switch, function, args)
-        else:
-            gevent.spawn_raw(self._run_jobs, function, args)
+        self._spawn_reusing(self._run_slot, function, args)
 
-    def _run_jobs(self, function: Callable[..., None], args: tuple[Any, ...]) -> None:
-        # A runner greenlet is reused for many tasks: a new greenlet costs an
-        # mmap and munmap of its frame stack on CPython 3.11+, per task.
+    def _spawn_reusing(self, function: Callable[..., Any], *args: Any) -> None:
+        # A new greenlet costs an mmap and munmap of its frame stack on
+        # CPython 3.11+: tasks and connections reuse finished ones.
+        if self._idle_runners:
+            self._loop.run_callback(self._idle_runners.pop().switch, function, args)
+        else:
+            gevent.spawn_raw(self._runner, function, args)
+
+    def _runner(self, function: Callable[..., Any], args: tuple[Any, ...]) -> None:
         runner = greenlet.getcurrent()
         hub = gevent.get_hub()
         while True:
-            self._run_slot(function, args)
+            self._busy_runners += 1
+            if self._busy_runners > self._peak_busy_runners:
+                self._peak_busy_runners = self._busy_runners
+            try:
+                function(*args)
+            except Exception:
+                log.exception("worker %d: unexpected error", os.getpid())
+            finally:
+                self._busy_runners -= 1
+            function = args = None  # type: ignore[assignment]  # no references while idle
             self._idle_runners.append(runner)
             function, args = hub.switch()
 
     def _run_slot(self, function: Callable[..., None], args: tuple[Any, ...]) -> None:
         current = greenlet.getcurrent()
         self.tasks.add(current)
-        if len(self.tasks) > self._peak_tasks:
-            self._peak_tasks = len(self.tasks)
         self._no_tasks.clear()
         slot = self.slot
         slot.add(scoreboard.INFLIGHT)
@@ -438,16 +477,21 @@ class Worker:
 
     def _run_task_bounded(self, request: Request, function: Callable[..., Any],
                           sink: Callable[[Any], None] | None, seconds: float) -> bytes:
-        timeout = gevent.Timeout(seconds)
-        timeout.start()
+        current = greenlet.getcurrent()
+        if seconds < COARSE_TIMEOUT_MIN:
+            limit: BaseException = gevent.Timeout(seconds)
+            limit.start()  # type: ignore[attr-defined]
+        else:
+            limit = _Expired()
+            self._deadlines[current] = (time.monotonic() + seconds, limit)
         try:
             if sink is None:
                 result = call_task(function, request.args)
             else:
                 with progress_sink(sink):
                     result = call_task(function, request.args)
-        except gevent.Timeout as exc:
-            if exc is not timeout:
+        except (gevent.Timeout, _Expired) as exc:
+            if exc is not limit:
                 raise
             self.slot.count_task(request.function, scoreboard.TIMED_OUT)
             return encode_error(request.id, TaskTimeout(
@@ -461,7 +505,10 @@ class Worker:
             self.slot.count_task(request.function, scoreboard.FAILED)
             return encode_error(request.id, self._task_error(request, exc))
         finally:
-            timeout.close()
+            if isinstance(limit, gevent.Timeout):
+                limit.close()
+            else:
+                del self._deadlines[current]
         try:
             line = encode_result(request.id, result)
         except (TypeError, OverflowError) as exc:
@@ -491,8 +538,11 @@ class Worker:
         self.slot.beat()
         self.slot.set_state(scoreboard.READY)
         heart = gevent.spawn(self._beat_forever)
+        sweep = self._loop.timer(DEADLINE_SWEEP_INTERVAL, DEADLINE_SWEEP_INTERVAL)
+        sweep.start(self._expire_tasks)
         log.info("%s worker %d serving", self.config.worker.name, os.getpid())
         self._stopped.wait()
+        sweep.stop()
         heart.kill()
 
     def _beat_forever(self) -> None:
@@ -517,9 +567,17 @@ class Worker:
                                      f"({max_memory >> 20} MiB)")
             gevent.sleep(interval)
 
+    def _expire_tasks(self) -> None:
+        # Runs in the hub, like gevent.Timeout's own timers: every task in
+        # _deadlines is suspended inside its task, so the throw lands there.
+        now = time.monotonic()
+        for task_greenlet, (deadline, expired) in list(self._deadlines.items()):
+            if now >= deadline and self._deadlines.get(task_greenlet, (0, None))[1] is expired:
+                task_greenlet.throw(expired)
+
     def _trim_idle_runners(self) -> None:
-        keep = max(IDLE_RUNNERS_FLOOR, self._peak_tasks)
-        self._peak_tasks = len(self.tasks)
+        keep = max(IDLE_RUNNERS_FLOOR, self._peak_busy_runners)
+        self._peak_busy_runners = self._busy_runners
         while len(self._idle_runners) > keep:
             gevent.kill(self._idle_runners.pop(0))
 

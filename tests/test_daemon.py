@@ -8,6 +8,7 @@ import socket
 import struct
 import subprocess
 import threading
+import time
 
 import pytest
 
@@ -54,6 +55,10 @@ def test_cpu_hog_in_one_child_does_not_stop_the_other(daemon, connect):
     hogged = connect(daemon.port, timeout=30)
     hog_pid = hogged.call({"function": "pid"})["result"]
     hogged.send_json({"function": "cpu", "args": [60_000_000], "id": "hog"})
+    # Once the hog runs, its process cannot accept: new connections go to the
+    # other child. (A connection accepted in the same loop turn as the hog's
+    # request would wait behind it, in the same process.)
+    time.sleep(0.3)
     for _ in range(10):
         other = connect(daemon.port, timeout=10)
         reply = other.call({"function": "pid", "id": 1})
@@ -263,3 +268,18 @@ def test_task_module_that_raises_is_named_with_its_exception(make_daemon):
     assert daemon.wait(20) == 3
     assert ("cannot import task module 'tests.broken_tasks' (listed in [worker] tasks): "
             "ValueError: DATABASE_URL is not set") in daemon.log()
+
+
+def test_long_limits_are_enforced_by_the_sweep(daemon, connect):
+    """Limits of 2 s or more share one sweep (every 0.25 s) instead of a timer per task."""
+    conn = connect(daemon.port, timeout=10)
+    started = time.monotonic()
+    conn.send_json({"function": "sleep", "args": [30], "id": "slow", "timeout": 2})
+    conn.send_json({"function": "sleep", "args": [0.1], "id": "quick", "timeout": 2})
+    assert conn.read_json() == {"ok": True, "id": "quick", "result": 0.1}
+    reply = conn.read_json()
+    elapsed = time.monotonic() - started
+    assert reply["id"] == "slow" and reply["error"]["type"] == "Timeout"
+    assert "ran longer than 2 s" in reply["error"]["message"]
+    assert 2.0 <= elapsed < 3.5
+    assert conn.call({"function": "echo", "args": ["after"], "id": 1})["result"] == ["after"]
