@@ -5,8 +5,10 @@ Theory of operation
 The master binds the task port with the plain ``socket`` module, maps the
 shared :class:`~greentask.scoreboard.Scoreboard`, then forks ``processes``
 children that all serve that one listener (:func:`greentask.child.run_worker`).
-It never starts a gevent hub and never imports task modules, so every child,
-and every reload, imports task code afresh.
+It imports the modules every child needs (gevent's among them) and freezes
+them for the garbage collector, so the children share that memory; it never
+starts a gevent hub, never monkey-patches and never imports task modules, so
+every child, and every reload, imports task code afresh.
 
 Signal handlers only queue the signal and wake the main loop through a pipe.
 Each pass of the loop dispatches the queued signals to ``handle_<name>``,
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import gc
 import logging
 import os
 import select
@@ -37,7 +40,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from greentask import scoreboard
-from greentask.child import EXIT_BOOT_ERROR, EXIT_OK, run_worker, set_process_title
+from greentask.child import (
+    EXIT_BOOT_ERROR,
+    EXIT_OK,
+    TaskModuleError,
+    preload_shared_modules,
+    run_worker,
+    set_process_title,
+)
 from greentask.config import Config, control_socket_path
 from greentask.control import ControlError, ControlServer, remove_pidfile, write_pidfile
 from greentask.errors import ConfigError, GreentaskError
@@ -182,6 +192,15 @@ class Arbiter:
             if pidfile:
                 remove_pidfile(pidfile)
             return EXIT_CONFIG
+        try:
+            preload_shared_modules(self.config.worker.preload)
+        except TaskModuleError as exc:
+            log.error("%s", exc, exc_info=exc.__cause__)
+            self.listener.close()
+            self.control.close()
+            if pidfile:
+                remove_pidfile(pidfile)
+            return EXIT_BOOT_ERROR
         host, port = self.listener.getsockname()[:2]
         set_process_title(f"greentask master [{self.config.worker.name}]")
         log.info("%s master %d listening at %s:%d with %d worker processes; control socket "
@@ -457,6 +476,9 @@ class Arbiter:
         master_pid = os.getpid()
         slot = self.board.claim(self.generation)
         self._numbers += 1
+        # What the master allocated is now never scanned by a child's garbage
+        # collector, which would otherwise copy every page it touches.
+        gc.freeze()
         pid = os.fork()
         if pid:
             self.board.slot(slot).set(scoreboard.PID, pid)

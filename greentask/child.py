@@ -9,6 +9,7 @@ cooperates and a reload imports task code afresh.
 from __future__ import annotations
 
 import faulthandler
+import gc
 import importlib
 import logging
 import os
@@ -51,6 +52,42 @@ def import_task_modules(modules: list[str]) -> None:
         except Exception as exc:
             raise TaskModuleError(f"cannot import task module {name!r} (listed in [worker] "
                                   f"tasks): {type(exc).__name__}: {exc}") from exc
+
+
+#: Modules every worker imports; the master imports them once, before it
+#: forks, so their memory is shared by all children. Importing gevent before a
+#: hub exists, and patching in the child, is what gunicorn's gevent worker does.
+SHARED_MODULES = (
+    "greentask.server", "gevent.monkey", "gevent.socket", "gevent.ssl", "gevent.select",
+    "gevent.selectors", "gevent.thread", "gevent.threading", "gevent.time", "gevent.os",
+    "gevent.signal", "gevent.subprocess", "gevent.queue", "gevent.local", "gevent.events",
+    "concurrent.futures", "importlib.metadata",
+    # Imported lazily by the hub, its loop, resolver and thread pool: loaded
+    # here they also work for workers that switched to a user who cannot read
+    # the Python installation.
+    "pprint", "gevent.libev.corecext", "gevent.resolver.thread", "gevent.threadpool",
+)
+
+
+def preload_shared_modules(extra: list[str]) -> None:
+    """Import the workers' modules (and ``[worker] preload``) in the master, then freeze them.
+
+    Raises :class:`TaskModuleError` when one of ``extra`` does not import.
+    """
+    for name in SHARED_MODULES:
+        importlib.import_module(name)
+    # gevent's patch_all looks up plugins with importlib.metadata; its path
+    # caches, filled once here, are then shared too.
+    from importlib import metadata
+    metadata.entry_points(group="gevent.plugins.monkey.will_patch_all")
+    for name in extra:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:
+            raise TaskModuleError(f"cannot import module {name!r} (listed in [worker] preload): "
+                                  f"{type(exc).__name__}: {exc}") from exc
+    gc.collect()
+    gc.freeze()
 
 
 def drop_privileges(uid: int | None, gid: int | None) -> None:

@@ -334,6 +334,11 @@ SETTINGS: tuple[Setting, ...] = (
             to_module_list,
             "Task modules to import in each worker process, after the fork and after "
             "gevent's monkey patching."),
+    Setting("worker", "preload", "smtplib, email.message, email.policy", to_module_list,
+            "Libraries the task modules use, imported once by the master before it forks so "
+            "the workers share their memory. Not the task modules themselves (those are "
+            "imported by each worker, so a reload picks up new code); a preloaded library "
+            "changes only on a restart."),
     Setting("worker", "concurrency", "1000", to_positive_int,
             "Tasks one process runs at once; when they are all busy the process stops "
             "reading requests (TCP backpressure) instead of dropping them."),

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from greentask.arbiter import EXIT_BOOT_ERROR, EXIT_CONFIG, EXIT_OK, Arbiter
-from greentask.child import TaskModuleError, import_task_modules
+from greentask.child import TaskModuleError, import_task_modules, preload_shared_modules
 from greentask.config import Config, load
 from greentask.errors import ConfigError
 from greentask.logs import setup_logging
@@ -21,7 +21,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--bind", metavar="HOST:PORT", help="override [worker] bind")
     parser.add_argument("--processes", metavar="N", help="override [worker] processes")
     parser.add_argument("--check", action="store_true",
-                        help="validate the config and import the task modules, then exit")
+                        help="validate the config, import the preloaded and task modules, "
+                             "then exit")
     return parser.parse_args(argv)
 
 
@@ -39,6 +40,7 @@ def check(config: Config) -> int:
     """``--check``: import the task modules and list their tasks."""
     from greentask.registry import default_registry
     try:
+        preload_shared_modules(config.worker.preload)
         import_task_modules(config.worker.tasks)
     except TaskModuleError as exc:
         print(f"error: {exc}", file=sys.stderr)

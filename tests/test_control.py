@@ -135,6 +135,8 @@ def test_workers_run_as_the_configured_user(make_daemon):
                 uids = next(line for line in status if line.startswith("Uid:")).split()[1:]
             assert uids == ["65534"] * 4
         assert os.stat(f"/proc/{daemon.pid}").st_uid == 0  # the master stays root
+        with TaskClient([daemon.address]) as client:
+            assert client.call("echo", "as nobody") == ["as nobody"]
     else:
         # Where Python or this checkout is not readable by nobody, the workers
         # cannot import their tasks once switched: the master says so and stops.

@@ -165,3 +165,13 @@ def test_max_memory_per_child_replaces_a_worker_that_grew(make_daemon):
         daemon.wait_for_children(2, 10, exclude={grown})
         assert client.call("echo", "after") == ["after"]
     assert f"worker {grown} asks to be replaced: its RSS" in daemon.log()
+
+
+def test_a_preload_module_that_does_not_import_stops_the_master(make_daemon):
+    daemon = make_daemon(start=False, processes=1, preload="json, no_such_library")
+    daemon.start(wait=False)
+    assert daemon.wait(15) == 3
+    assert "cannot import module 'no_such_library' (listed in [worker] preload)" in daemon.log()
+    good = make_daemon(processes=1, preload="json")
+    with TaskClient([good.address]) as client:
+        assert client.call("echo", 1) == [1]
