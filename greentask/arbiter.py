@@ -52,7 +52,7 @@ from greentask.config import Config, control_socket_path
 from greentask.control import ControlError, ControlServer, remove_pidfile, write_pidfile
 from greentask.errors import ConfigError, GreentaskError
 from greentask.logs import reopen_log_files
-from greentask.metrics import MetricsServer
+from greentask.selectserver import OneShotServer
 
 log = logging.getLogger("greentask.master")
 
@@ -161,7 +161,7 @@ class Arbiter:
         self._numbers = 0
         self._started_at = time.monotonic()
         self.control: ControlServer | None = None
-        self.metrics: MetricsServer | None = None
+        self.metrics: OneShotServer | None = None
         #: Counters of workers that have exited, so totals never go backwards.
         self.totals = [0.0] * len(scoreboard.FIELDS)
         #: Task counts by function of the workers that exited: [ok, failed, timeout].
@@ -183,6 +183,9 @@ class Arbiter:
             self.listener = bind_listener(self.config.worker.bind)
             self.control = ControlServer(control_socket_path(self.config), self.handle_command)
             if self.config.worker.metrics_bind:
+                # Imported only when used: prometheus_client is about 12 MiB of
+                # memory, which every worker would otherwise share the cost of.
+                from greentask.metrics import MetricsServer
                 self.metrics = MetricsServer(self.config.worker.metrics_bind,
                                              self.metrics_snapshot)
         except (BindError, ControlError, OSError) as exc:
