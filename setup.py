@@ -25,7 +25,8 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "aiosmtpd>=1.4",
                  "trustme>=1.1", "ruff>=0.6", "websocket-client>=1.7", "selenium>=4.20",
-                 "dockerfile-parse>=2.0", "pyyaml>=6"],
+                 "dockerfile-parse>=2.0", "pyyaml>=6",
+                 "py-spy>=0.3"],
     },
     entry_points={"console_scripts": ["greentask = greentask.cli:main"]},
     classifiers=[

@@ -208,7 +208,8 @@ class Connection:
 
     def _run_task(self, request: Request, function: Callable[..., Any]) -> None:
         try:
-            self.send(self.worker.run_task(request, function, self._progress_sink(request)))
+            sink = self._progress_sink(request) if request.progress else None
+            self.send(self.worker.run_task(request, function, sink))
         finally:
             self.inflight -= 1
             if not self.inflight:

@@ -110,6 +110,7 @@ class Worker:
         self.server = StreamServer(listener, self.handle_connection, spawn=self._spawn_reusing)
         settings = config.worker
         self._max_connections = settings.max_connections
+        self._task_timeout = settings.task_timeout
         self._open_sockets = 0
         self._accept_paused = False
         self.ssl_context = None if settings.certfile is None else tls.server_context(
@@ -232,15 +233,16 @@ class Worker:
 
     def _run_slot(self, function: Callable[..., None], args: tuple[Any, ...]) -> None:
         current = greenlet.getcurrent()
-        self.tasks.add(current)
+        tasks = self.tasks
+        tasks.add(current)
         self._no_tasks.clear()
         slot = self.slot
-        slot.add(scoreboard.INFLIGHT)
+        slot.set(scoreboard.INFLIGHT, len(tasks))
         try:
             function(*args)
         finally:
-            slot.add(scoreboard.INFLIGHT, -1)
-            self.tasks.discard(current)
+            tasks.discard(current)
+            slot.set(scoreboard.INFLIGHT, len(tasks))
             self.slots.release()
             if not self.tasks:
                 self._no_tasks.set()
@@ -251,7 +253,7 @@ class Worker:
     def run_task(self, request: Request, function: Callable[..., Any],
                  sink: Callable[[Any], None] | None) -> bytes:
         """Run one task; return its final reply line."""
-        seconds = self.config.worker.task_timeout
+        seconds = self._task_timeout
         if request.timeout is not None:
             seconds = min(seconds, request.timeout)
         if self.measure_durations:

@@ -44,3 +44,13 @@ def test_bench_gateway_mode_prints_a_row_per_worker_count():
     for cells in rows:
         assert int(cells[2].replace(",", "")) > 0
         assert cells[7].strip() == "0"
+
+
+def test_profile_prints_the_heaviest_frames_of_a_loaded_worker():
+    result = subprocess.run([sys.executable, "scripts/profile", "--seconds", "1", "--top", "5"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert '"errors": 0' in result.stdout
+    sections = result.stdout.split("\ninclusive")
+    assert "self (" in sections[0] and len(sections) == 2
+    assert "greentask/server.py" in sections[1]  # the worker's own frames were sampled

@@ -255,11 +255,13 @@ def test_chaos_a_child_killed_every_second_under_200_callers(make_daemon):
         callers = [threading.Thread(target=caller, args=(i % 2 == 0,)) for i in range(200)]
         for thread in callers:
             thread.start()
+        kills = 0
         for _ in range(20):
             time.sleep(1)
             children = daemon.children()
             if children:
                 os.kill(children[0], signals.SIGKILL)
+                kills += 1
         stop.set()
         for thread in callers:
             thread.join(30)
@@ -268,6 +270,9 @@ def test_chaos_a_child_killed_every_second_under_200_callers(make_daemon):
     assert set(outcomes[False]) <= {"ok", "lost"} and "lost" in outcomes[False]
     assert len(outcomes[True]) > 1000
     daemon.wait_for_children(2, 10)
+    print(f"chaos: {kills} workers killed; retry=True: {len(outcomes[True])} calls, all ok; "
+          f"retry=False: {outcomes[False].count('ok')} ok, {outcomes[False].count('lost')} "
+          "WorkerLost")
 
 
 def fd_count(pid: int) -> int:
