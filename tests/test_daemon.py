@@ -283,3 +283,18 @@ def test_long_limits_are_enforced_by_the_sweep(daemon, connect):
     assert "ran longer than 2 s" in reply["error"]["message"]
     assert 2.0 <= elapsed < 3.5
     assert conn.call({"function": "echo", "args": ["after"], "id": 1})["result"] == ["after"]
+
+
+def test_accepted_sockets_inherit_tcp_nodelay_from_the_listener():
+    """The worker sets no socket option per connection: this inheritance is why."""
+    from greentask.arbiter import bind_listener
+
+    from .conftest import free_port
+    listener = bind_listener(("127.0.0.1", free_port()))
+    try:
+        with socket.create_connection(listener.getsockname(), timeout=5):
+            accepted, _ = listener.accept()
+            with accepted:
+                assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+    finally:
+        listener.close()
