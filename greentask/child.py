@@ -47,12 +47,16 @@ def import_task_modules(modules: list[str]) -> None:
 
     Raises :class:`TaskModuleError` naming the module and what it raised.
     """
+    _import_listed(modules, "task module", "tasks")
+
+
+def _import_listed(modules: list[str], kind: str, setting: str) -> None:
     for name in modules:
         try:
             importlib.import_module(name)
         except Exception as exc:
-            raise TaskModuleError(f"cannot import task module {name!r} (listed in [worker] "
-                                  f"tasks): {type(exc).__name__}: {exc}") from exc
+            raise TaskModuleError(f"cannot import {kind} {name!r} (listed in [worker] "
+                                  f"{setting}): {type(exc).__name__}: {exc}") from exc
 
 
 #: Modules every worker imports; the master imports them once, before it
@@ -84,12 +88,7 @@ def preload_shared_modules(extra: list[str]) -> None:
     global _installed_entry_points
     from importlib import metadata
     _installed_entry_points = metadata.entry_points()
-    for name in extra:
-        try:
-            importlib.import_module(name)
-        except Exception as exc:
-            raise TaskModuleError(f"cannot import module {name!r} (listed in [worker] preload): "
-                                  f"{type(exc).__name__}: {exc}") from exc
+    _import_listed(extra, "module", "preload")
     gc.collect()
     gc.freeze()
 
