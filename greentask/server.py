@@ -147,9 +147,19 @@ class Worker:
 
     def _serve_socket(self, sock: socket.socket, peer: str) -> None:
         if self.ssl_context is not None:
-            sock = self._handshake(sock, peer)
-            if sock is None:
+            tls_sock = self._handshake(sock, peer)
+            if tls_sock is None:
                 return
+            try:
+                self._serve_connection(tls_sock, peer)
+            finally:
+                # The TLS socket took over the descriptor: StreamServer closes
+                # only the plain socket it accepted, now empty.
+                tls_sock.close()
+            return
+        self._serve_connection(sock, peer)
+
+    def _serve_connection(self, sock: socket.socket, peer: str) -> None:
         connection = Connection(self, sock, peer)
         self.connections.add(connection)
         self.slot.add(scoreboard.CONNECTIONS)

@@ -197,3 +197,18 @@ def test_bad_tls_files_are_refused_at_start(certs, tmp_path):
     result = _check({"GREENTASK_WORKER_CERTFILE": str(certs.certfile)})  # key not in it
     assert result.returncode == 2
     assert "PEM" in result.stderr
+
+
+def test_tls_connections_leave_no_descriptor_behind(make_daemon, certs):
+    daemon = make_daemon(processes=1, certfile=certs.certfile, keyfile=certs.keyfile)
+    worker = daemon.children()[0]
+
+    def descriptors() -> int:
+        return len(os.listdir(f"/proc/{worker}/fd"))
+    with certs.client(daemon) as client:
+        client.call("echo", "warm up")
+    before = descriptors()
+    for i in range(50):
+        with certs.client(daemon) as client:
+            assert client.call("echo", i) == [i]
+    wait_until(lambda: descriptors() <= before, 10, "TLS sockets to be closed")
