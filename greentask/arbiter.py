@@ -43,6 +43,7 @@ from greentask import scoreboard
 from greentask.child import (
     EXIT_BOOT_ERROR,
     EXIT_OK,
+    WORKER_SIGNALS,
     TaskModuleError,
     preload_shared_modules,
     run_worker,
@@ -482,8 +483,10 @@ class Arbiter:
         # What the master allocated is now never scanned by a child's garbage
         # collector, which would otherwise copy every page it touches.
         gc.freeze()
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_SIGNALS)
         pid = os.fork()
         if pid:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             self.board.slot(slot).set(scoreboard.PID, pid)
             self.workers[pid] = WorkerProcess(pid, slot, self.generation, self._numbers,
                                               time.monotonic())

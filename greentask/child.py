@@ -15,6 +15,7 @@ import logging
 import os
 import pwd
 import random
+import signal
 import socket
 from typing import Any
 
@@ -23,6 +24,11 @@ from greentask.errors import GreentaskError
 
 log = logging.getLogger("greentask.worker")
 
+#: Signals a worker handles (stop gracefully, stop now, reopen logs). The
+#: master blocks them across the fork and the worker unblocks them once its
+#: handlers are in place, so one sent to a booting worker waits instead of
+#: hitting the handler it inherited from the master, which would drop it.
+WORKER_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1})
 #: Exit status: stopped as asked.
 EXIT_OK = 0
 #: Exit status: workers cannot start (a task module does not import).

@@ -41,6 +41,7 @@ from gevent.lock import Semaphore
 from gevent.server import StreamServer
 
 from greentask import scoreboard, tls
+from greentask.child import WORKER_SIGNALS
 from greentask.config import Config
 from greentask.connection import RECV_SIZE, Connection
 from greentask.errors import BadRequest, RemoteError, TaskError, TaskTimeout
@@ -332,6 +333,9 @@ class Worker:
         gevent.signal_handler(signal.SIGINT, self.stop_now)
         gevent.signal_handler(signal.SIGQUIT, self.stop_now)
         gevent.signal_handler(signal.SIGUSR1, reopen_log_files)
+        # The master forked this process with these blocked: one that came
+        # while it booted is delivered now, to the handlers above.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
         self.server.start()
         self.slot.set(scoreboard.PID, os.getpid())
         self.slot.beat()

@@ -175,3 +175,19 @@ def test_a_preload_module_that_does_not_import_stops_the_master(make_daemon):
     good = make_daemon(processes=1, preload="json")
     with TaskClient([good.address]) as client:
         assert client.call("echo", 1) == [1]
+
+
+def test_sigterm_while_a_worker_boots_reaches_its_graceful_handler(make_daemon, tmp_path):
+    """The master forks with the worker's signals blocked: one that arrives while
+    the worker boots is handled once it serves (a drain), not lost or fatal."""
+    marker = tmp_path / "terminated"
+    daemon = make_daemon(start=False, processes=1,
+                         tasks="greentask.examples.basic, tests.self_term_tasks",
+                         env={"GREENTASK_TEST_TERM_MARKER": str(marker)})
+    daemon.start(wait=False)
+    wait_until(lambda: marker.exists() and "draining" in daemon.log(), 15,
+               f"the booting worker to drain\n{daemon.log()}")
+    wait_until(lambda: daemon.log().count("serving") >= 2, 15, "a replacement to serve")
+    assert "killed by signal" not in daemon.log()
+    with TaskClient([daemon.address]) as client:
+        assert client.call("echo", "after") == ["after"]
