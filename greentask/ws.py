@@ -137,11 +137,18 @@ class Gateway:
         metrics.SOCKETS_OPEN.inc()
         if self._watcher is None:
             self._watcher = gevent.spawn(self._close_sockets_on_stop, socket.handler.server)
+            gevent.spawn(self._flush_metrics_forever)
         try:
             self._read_messages(socket, slots, running)
         finally:
             self.sockets.discard(socket)
             metrics.SOCKETS_OPEN.dec()
+
+    @staticmethod
+    def _flush_metrics_forever() -> None:
+        while True:
+            gevent.sleep(metrics.FLUSH_INTERVAL)
+            metrics.TALLY.flush()
 
     def _close_sockets_on_stop(self, server: Any) -> None:
         # gunicorn stops a gevent worker by closing its server, then waits up
@@ -151,6 +158,7 @@ class Gateway:
             gevent.sleep(STOP_POLL_INTERVAL)
         for socket in list(self.sockets):
             socket.close(websocket.CLOSE_GOING_AWAY, "server is stopping")
+        metrics.TALLY.flush()
 
     def _read_messages(self, socket: Any, slots: BoundedSemaphore,
                        running: gevent.pool.Group) -> None:
@@ -218,7 +226,7 @@ class Gateway:
         except GreentaskError as exc:
             self._send(socket, error_event(None, *self._describe(exc)))
             return
-        metrics.MESSAGES.labels("complete").inc()
+        metrics.TALLY.messages["complete"] += 1
         self._send_text(socket, "task complete")
 
     def _describe(self, exc: GreentaskError) -> tuple[str, str]:
@@ -231,17 +239,17 @@ class Gateway:
     def _send(self, socket: Any, event: dict[str, Any]) -> None:
         kind = event["event"]
         if kind != "progress":
-            metrics.MESSAGES.labels(kind if kind == "complete" else event["error"]["type"]).inc()
+            metrics.TALLY.messages[kind if kind == "complete" else event["error"]["type"]] += 1
         self._send_text(socket, ujson.dumps(event, ensure_ascii=False))
 
     def _send_text(self, socket: Any, text: str) -> None:
         if socket.closed:
-            metrics.DROPPED.inc()
+            metrics.TALLY.dropped += 1
             return
         try:
             socket.send(text)
         except Exception:  # the browser went away mid-send: drop, count, go on
-            metrics.DROPPED.inc()
+            metrics.TALLY.dropped += 1
 
 
 def _message_id(message: str | bytes) -> Any:

@@ -50,12 +50,17 @@ def test_metrics_sum_every_gunicorn_worker(daemon, make_gateway):
     expected = {("complete",): 20, ("NotExposed",): 1, ("BadRequest",): 1}
 
     def settled():
+        # Workers add their message counts to the shared files once a second.
         metrics = scrape(gateway)
-        return metrics if metrics[("greentask_gateway_sockets", ())] == 6 else None
+        counts = {(o,): messages(metrics, o) for (o,) in expected}
+        return metrics if metrics[("greentask_gateway_sockets", ())] == 6 and \
+            counts == expected else None
+    wait_until(settled, 10, "every worker's counts to be shared")
     # Each scrape reaches one of the two workers; every one must show both.
     for _ in range(8):
-        metrics = wait_until(settled, 10, "closed sockets to be counted")
+        metrics = scrape(gateway)
         assert {(o,): messages(metrics, o) for (o,) in expected} == expected
+        assert metrics[("greentask_gateway_sockets", ())] == 6
         assert metrics[("greentask_gateway_sockets_opened_total", ())] == 10
 
 
