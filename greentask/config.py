@@ -533,14 +533,14 @@ def load(path: str | None = None, environ: Mapping[str, str] | None = None,
             for key, text in keys.items():
                 setting = _BY_SECTION[section][key]
                 setattr(sections[section], key, _convert(setting, text, origin))
-    config = Config(path=path, **sections)
-    _check_tls_files(config)
-    return config
+    return Config(path=path, **sections)
 
 
-def _check_tls_files(config: Config) -> None:
-    """Load each TLS certificate and key once, so a bad pair fails at start, not per connection."""
-    worker, gateway = config.worker, config.gateway
+def check_worker_tls(config: Config) -> None:
+    """Load ``[worker]``'s certificate and key once, so a bad pair stops the daemon at start
+    (or refuses a reload) instead of failing every connection. Raises :class:`ConfigError`.
+    """
+    worker = config.worker
     try:
         if worker.certfile is not None:
             if worker.keyfile is None:
@@ -553,6 +553,13 @@ def _check_tls_files(config: Config) -> None:
         raise ConfigError(f"[worker] certfile = {worker.certfile}, keyfile = "
                           f"{worker.keyfile}, ca_certs = {worker.ca_certs}: {exc}; give a PEM "
                           "certificate chain and its private key") from None
+
+
+def check_gateway_tls(config: Config) -> None:
+    """Load ``[gateway]``'s CA and client certificate once, when TLS is on, so the gateway
+    refuses to start with bad files. Raises :class:`ConfigError`.
+    """
+    gateway = config.gateway
     if not gateway.tls:
         return
     try:
@@ -561,7 +568,10 @@ def _check_tls_files(config: Config) -> None:
         tls.client_context(gateway.ca_certs, gateway.certfile, gateway.keyfile)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"[gateway] ca_certs = {gateway.ca_certs}, certfile = "
-                          f"{gateway.certfile}, keyfile = {gateway.keyfile}: {exc}") from None
+                          f"{gateway.certfile}, keyfile = {gateway.keyfile}: {exc}; give the "
+                          "PEM CA certificates that signed the task servers' certificates "
+                          "(and, if they require one, a client certificate and its key)"
+                          ) from None
 
 
 _current: Config | None = None

@@ -7,7 +7,7 @@ import sys
 
 from greentask.arbiter import EXIT_BOOT_ERROR, EXIT_CONFIG, EXIT_OK, Arbiter
 from greentask.child import TaskModuleError, import_task_modules, preload_shared_modules
-from greentask.config import Config, load
+from greentask.config import Config, check_worker_tls, load
 from greentask.errors import ConfigError
 from greentask.logs import setup_logging
 
@@ -33,7 +33,9 @@ def load_config(args: argparse.Namespace) -> Config:
         overrides[("worker", "bind")] = args.bind
     if args.processes is not None:
         overrides[("worker", "processes")] = args.processes
-    return load(args.config, overrides=overrides)
+    config = load(args.config, overrides=overrides)
+    check_worker_tls(config)
+    return config
 
 
 def check(config: Config) -> int:

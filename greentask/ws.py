@@ -37,7 +37,7 @@ from gevent.lock import BoundedSemaphore
 from greentask import gateway_metrics as metrics
 from greentask import tls, websocket
 from greentask.client import TaskClient
-from greentask.config import Config, load
+from greentask.config import Config, check_gateway_tls, load
 from greentask.errors import GreentaskError, RemoteError
 
 log = logging.getLogger("greentask.gateway")
@@ -63,6 +63,7 @@ class Gateway:
     """The WSGI application; one per gunicorn worker process."""
 
     def __init__(self, config: Config) -> None:
+        check_gateway_tls(config)
         self.settings = config.gateway
         self.debug = config.worker.debug
         self._client: TaskClient | None = None

@@ -216,3 +216,13 @@ def test_tls_connections_leave_no_descriptor_behind(make_daemon, certs):
         with certs.client(daemon) as client:
             assert client.call("echo", i) == [i]
     wait_until(lambda: descriptors() <= before, 10, "TLS sockets to be closed")
+
+
+def test_the_gateway_refuses_to_start_with_bad_tls_files(daemon, make_gateway, tmp_path):
+    not_pem = tmp_path / "not-a-ca.pem"
+    not_pem.write_text("this is not a certificate\n")
+    gateway = make_gateway(daemon, tls="true", ca_certs=not_pem)
+    wait_until(lambda: gateway.proc.poll() is not None, 30, "gunicorn to give up")
+    assert gateway.proc.returncode != 0
+    assert f"[gateway] ca_certs = {not_pem}" in gateway.log()
+    assert "give the PEM CA certificates" in gateway.log()
