@@ -179,13 +179,19 @@ class Arbiter:
         """Bind, fork, supervise until stopped; return the exit status."""
         pidfile = self.config.worker.pidfile
         try:
+            # First, so a module that does not import leaves nothing to undo.
+            preload_shared_modules(self.config.worker.preload)
+        except TaskModuleError as exc:
+            log.error("%s", exc, exc_info=exc.__cause__)
+            return EXIT_BOOT_ERROR
+        try:
             if pidfile:
                 write_pidfile(pidfile)
             self.listener = bind_listener(self.config.worker.bind)
             self.control = ControlServer(control_socket_path(self.config), self.handle_command)
             if self.config.worker.metrics_bind:
-                # Imported only when used: prometheus_client is about 12 MiB of
-                # memory, which every worker would otherwise share the cost of.
+                # Imported only when used: prometheus_client and what it imports
+                # add about 2 MiB to the master, which every worker would map too.
                 from greentask.metrics import MetricsServer
                 self.metrics = MetricsServer(self.config.worker.metrics_bind,
                                              self.metrics_snapshot)
@@ -193,18 +199,11 @@ class Arbiter:
             log.error("%s", exc)
             if self.listener is not None:
                 self.listener.close()
+            if self.control is not None:
+                self.control.close()
             if pidfile:
                 remove_pidfile(pidfile)
             return EXIT_CONFIG
-        try:
-            preload_shared_modules(self.config.worker.preload)
-        except TaskModuleError as exc:
-            log.error("%s", exc, exc_info=exc.__cause__)
-            self.listener.close()
-            self.control.close()
-            if pidfile:
-                remove_pidfile(pidfile)
-            return EXIT_BOOT_ERROR
         host, port = self.listener.getsockname()[:2]
         set_process_title(f"greentask master [{self.config.worker.name}]")
         log.info("%s master %d listening at %s:%d with %d worker processes; control socket "

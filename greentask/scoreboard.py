@@ -113,21 +113,22 @@ class Slot:
         self._cells[self._base + outcome] += 1
         row = self._rows.get(function)
         if row is None:
-            row = self._add_function(function)
+            row = self._rows[function] = self._new_row(function)
         self._counts[row + outcome - DONE] += 1
 
-    def _add_function(self, function: str) -> int:
-        used = len(set(self._rows.values()))  # entries written (several names may share one)
-        if used >= MAX_FUNCTIONS - 1 and function != OTHER_FUNCTION:
-            row = self._rows.get(OTHER_FUNCTION)
-            self._rows[function] = row if row is not None else self._add_function(OTHER_FUNCTION)
-            return self._rows[function]
-        entry = self._name_base + used
-        name = function.encode()[:NAME_BYTES - 1]
+    def _new_row(self, function: str) -> int:
+        # The table's last entry is OTHER_FUNCTION, for every name past the others.
+        written = len(set(self._rows.values()))
+        name = function if written < MAX_FUNCTIONS - 1 else OTHER_FUNCTION
+        if name in self._rows:
+            return self._rows[name]
+        entry = self._name_base + written
+        encoded = name.encode()[:NAME_BYTES - 1]
         offset = entry * NAME_BYTES
-        self._names[offset + 1:offset + 1 + len(name)] = name
-        self._names[offset] = len(name)  # last: the master reads names by their length
-        row = self._rows[function] = entry * len(OUTCOMES)
+        self._names[offset + 1:offset + 1 + len(encoded)] = encoded
+        self._names[offset] = len(encoded)  # last: the master reads names by their length
+        row = entry * len(OUTCOMES)
+        self._rows[name] = row
         return row
 
     def functions(self) -> dict[str, list[float]]:

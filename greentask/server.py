@@ -34,7 +34,6 @@ from collections.abc import Callable
 from typing import Any
 
 import gevent
-import gevent.socket
 import greenlet
 from gevent.event import Event
 from gevent.lock import Semaphore
