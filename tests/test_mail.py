@@ -90,10 +90,13 @@ def test_refused_recipient_is_reported_and_the_rest_delivered(make_daemon, smtp_
     daemon = make_daemon(smtp={"port": controller.port})
     with TaskClient([daemon.address]) as client:
         result = client.call("send_bulk", ["a@example.org", "nobody@example.org",
+                                           "x@example.org\r\nBcc: all@example.org",
                                            "b@example.org"], "s", "b")
         assert client.call("send_mail", "c@example.org", "one", "body") == {"sent": 1}
     assert result["sent"] == 2
     assert "550, b'no such user here'" in result["failed"]["nobody@example.org"]
+    assert "is not an e-mail address that can be sent to" in \
+        result["failed"]["x@example.org\r\nBcc: all@example.org"]
     assert sorted(r for _, rcpts, _ in inbox.messages for r in rcpts) == [
         "a@example.org", "b@example.org", "c@example.org"]
 

@@ -42,28 +42,30 @@ SESSION_IDLE_LIMIT = 60.0
 _PLAIN_ADDRESS = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~@-]{1,254}")
 
 
+def build_message(sender: str, subject: str, body: str, to: str | None = None) -> bytes:
+    """A plain-text message, as SMTP sends it; raises ``ValueError`` for a bad header."""
+    message = EmailMessage(policy=SMTP_POLICY)
+    message["From"] = sender
+    if to is not None:
+        message["To"] = to
+    message["Subject"] = subject
+    message.set_content(body)
+    return message.as_bytes()
+
+
 class MessageTemplate:
     """One message rendered once; :meth:`for_recipient` adds the ``To`` line."""
 
     def __init__(self, sender: str, subject: str, body: str) -> None:
         self.sender, self.subject, self.body = sender, subject, body
-        message = EmailMessage(policy=SMTP_POLICY)
-        message["From"] = sender
-        message["Subject"] = subject
-        message.set_content(body)
-        self._rendered = message.as_bytes()
+        self._rendered = build_message(sender, subject, body)
 
     def for_recipient(self, to: str) -> bytes:
-        """The message's bytes, addressed to ``to``."""
+        """The message's bytes, addressed to ``to``; raises ``ValueError`` for a bad address."""
         if _PLAIN_ADDRESS.fullmatch(to):
             return b"To: " + to.encode() + b"\r\n" + self._rendered
-        # Non-ASCII or unusual addresses: let the email package encode (or refuse) them.
-        message = EmailMessage(policy=SMTP_POLICY)
-        message["From"] = self.sender
-        message["To"] = to
-        message["Subject"] = self.subject
-        message.set_content(self.body)
-        return message.as_bytes()
+        # Non-ASCII or unusual addresses: the email package encodes (or refuses) them.
+        return build_message(self.sender, self.subject, self.body, to)
 
 
 class NotDelivered(Exception):
@@ -106,13 +108,21 @@ class SessionPool:
         self._slots.release()
 
 
-def deliver(session: smtplib.SMTP | None, sender: str, to: str, data: bytes) -> smtplib.SMTP:
-    """Send one message on ``session`` (opening one when None); return the session to reuse.
+def deliver(session: smtplib.SMTP | None, template: MessageTemplate,
+            to: str) -> smtplib.SMTP:
+    """Send ``template`` to ``to`` on ``session`` (opening one when None); return the session
+    to reuse.
 
     Raises :class:`NotDelivered`. A session found broken before DATA is
     reopened once; one that breaks during DATA is not: the server may have
     the message already.
     """
+    try:
+        data = template.for_recipient(to)
+    except ValueError as exc:
+        raise NotDelivered(f"{to!r} is not an e-mail address that can be sent to ({exc}); "
+                           "correct it and send again", session) from None
+    sender = template.sender
     settings = current().smtp
     for attempt in (1, 2):
         if session is None:
@@ -196,7 +206,7 @@ def send_mail(to: str, subject: str, body: str) -> dict[str, Any]:
     template = MessageTemplate(current().smtp.sender, subject, body)
     session = pool.take()
     try:
-        session = deliver(session, template.sender, to, template.for_recipient(to))
+        session = deliver(session, template, to)
     except NotDelivered as exc:
         session = exc.session
         raise RuntimeError(f"not delivered to {to}: {exc}") from None
@@ -226,7 +236,7 @@ def send_bulk(recipients: list[str], subject: str, body: str) -> dict[str, Any]:
         try:
             for to in pending:
                 try:
-                    session = deliver(session, template.sender, to, template.for_recipient(to))
+                    session = deliver(session, template, to)
                 except NotDelivered as exc:
                     session = exc.session
                     failed[to] = str(exc)
