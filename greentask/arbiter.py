@@ -2,13 +2,16 @@
 
 Theory of operation
 -------------------
-The master binds the task port with the plain ``socket`` module, maps the
-shared :class:`~greentask.scoreboard.Scoreboard`, then forks ``processes``
-children that all serve that one listener (:func:`greentask.child.run_worker`).
-It imports the modules every child needs (gevent's among them) and freezes
-them for the garbage collector, so the children share that memory; it never
-starts a gevent hub, never monkey-patches and never imports task modules, so
-every child, and every reload, imports task code afresh.
+The master binds the task port once, maps the shared
+:class:`~greentask.scoreboard.Scoreboard`, then forks ``processes`` children
+that all serve that one listener (:func:`greentask.child.run_worker`).
+Before binding it monkey-patches, imports the modules every child needs
+(gevent's, ``[worker] preload`` and the task modules) and freezes them for the
+garbage collector, so the children share that memory
+(:func:`~greentask.child.prepare_master`, :mod:`greentask.taskcode`). A
+reload imports the task code again in the master before forking the new
+generation. The master itself never runs a gevent hub: its loop, signal
+handlers, fork and wait are the operating system's, taken before patching.
 
 Signal handlers only queue the signal and wake the main loop through a pipe.
 Each pass of the loop dispatches the queued signals to ``handle_<name>``,
@@ -32,12 +35,13 @@ import errno
 import gc
 import logging
 import os
-import select
 import signal
 import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from gevent.monkey import get_original
 
 from greentask import scoreboard
 from greentask.child import (
@@ -45,17 +49,32 @@ from greentask.child import (
     EXIT_OK,
     WORKER_SIGNALS,
     TaskModuleError,
-    preload_shared_modules,
+    freeze_for_fork,
+    prepare_master,
     run_worker,
     set_process_title,
 )
-from greentask.config import Config, control_socket_path
+from greentask.config import Config, control_socket_path, set_current
 from greentask.control import ControlError, ControlServer, remove_pidfile, write_pidfile
 from greentask.errors import ConfigError, GreentaskError
 from greentask.logs import reopen_log_files
+from greentask.registry import default_registry
 from greentask.selectserver import OneShotServer
+from greentask.taskcode import TaskCode
 
 log = logging.getLogger("greentask.master")
+
+# The master is monkey-patched (what it imports for the workers must see
+# gevent) but never runs a hub: gevent's select would run one, its SIGCHLD
+# handler is only called from one, its fork would start libev child watchers
+# that reap the children before the master does, and its getaddrinfo would
+# start a resolver thread. So the master keeps the real calls; its sockets are
+# gevent's but non-blocking, so they never wait on the hub.
+_select = get_original("select", "select")
+_getaddrinfo = get_original("socket", "getaddrinfo")
+_set_signal_handler = get_original("signal", "signal")
+_fork = get_original("os", "fork")
+_waitpid = get_original("os", "waitpid")
 
 #: Exit status: the config, a flag or the address is wrong (argparse uses 2 too).
 EXIT_CONFIG = 2
@@ -97,8 +116,8 @@ def bind_listener(address: tuple[str, int], backlog: int = LISTEN_BACKLOG) -> so
     """Open the listening socket that every worker will share."""
     host, port = address
     try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                    flags=socket.AI_PASSIVE)[0][0]
+        family = _getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                              flags=socket.AI_PASSIVE)[0][0]
         sock = socket.socket(family, socket.SOCK_STREAM)
     except OSError as exc:
         raise BindError(f"cannot listen on {host}:{port}: {exc}") from None
@@ -163,6 +182,7 @@ class Arbiter:
         self._started_at = time.monotonic()
         self.control: ControlServer | None = None
         self.metrics: OneShotServer | None = None
+        self.task_code = TaskCode(default_registry)
         #: Counters of workers that have exited, so totals never go backwards.
         self.totals = [0.0] * len(scoreboard.FIELDS)
         #: Task counts by function of the workers that exited: [ok, failed, timeout].
@@ -180,9 +200,10 @@ class Arbiter:
         pidfile = self.config.worker.pidfile
         try:
             # First, so a module that does not import leaves nothing to undo.
-            preload_shared_modules(self.config.worker.preload)
+            prepare_master(self.config.worker.preload)
+            self._import_task_code(self.config)
         except TaskModuleError as exc:
-            log.error("%s", exc, exc_info=exc.__cause__)
+            log.error("%s; the workers could not start", exc, exc_info=exc.__cause__)
             return EXIT_BOOT_ERROR
         try:
             if pidfile:
@@ -237,7 +258,7 @@ class Arbiter:
             os.set_blocking(fd, False)
         signal.set_wakeup_fd(self._wakeup_w)
         for signum in _SIGNAL_NAMES:
-            signal.signal(signum, self._queue_signal)
+            _set_signal_handler(signum, self._queue_signal)
 
     def _queue_signal(self, signum: int, frame: object) -> None:
         # Only record it: the main loop does the work, outside the handler.
@@ -250,7 +271,7 @@ class Arbiter:
         servers = [self.control] if self.metrics is None else [self.control, self.metrics]
         timeout = min(server.timeout(LOOP_INTERVAL) for server in servers)
         try:
-            readable, _, _ = select.select(
+            readable, _, _ = _select(
                 [self._wakeup_r, *(fd for server in servers for fd in server.fds())], [], [],
                 timeout)
         except InterruptedError:
@@ -300,6 +321,13 @@ class Arbiter:
         except ConfigError as exc:
             log.error("SIGHUP: reload refused, the running workers keep serving: %s", exc)
             return
+        try:
+            self._import_task_code(config)
+        except TaskModuleError as exc:
+            log.error("SIGHUP: reload failed, generation %d keeps serving: %s. Fix the "
+                      "[worker] tasks modules, then reload again", self.generation, exc,
+                      exc_info=exc.__cause__)
+            return
         if config.worker.bind != self.config.worker.bind:
             log.warning("SIGHUP: [worker] bind changed; the listener stays at %s:%d until a "
                         "restart", *self.config.worker.bind)
@@ -311,6 +339,19 @@ class Arbiter:
         logging.getLogger().setLevel(config.worker.loglevel)
         log.info("SIGHUP: reloading: starting generation %d (%d workers)", self.generation,
                  self.processes)
+
+    def _import_task_code(self, config: Config) -> None:
+        """Import the task code ``config`` names (or, without preload_tasks, forget it)."""
+        set_current(config)
+        try:
+            if config.worker.preload_tasks:
+                self.task_code.reload(config.worker.tasks)
+            else:
+                self.task_code.forget()
+        except TaskModuleError:
+            set_current(self.config)
+            raise
+        freeze_for_fork()
 
     def handle_usr1(self) -> None:
         """Reopen log files (after logrotate moved them), here and in every child."""
@@ -346,7 +387,7 @@ class Arbiter:
         """Collect dead children; stop everything if they cannot start."""
         while True:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                pid, status = _waitpid(-1, os.WNOHANG)
             except ChildProcessError:
                 return
             if not pid:
@@ -483,7 +524,7 @@ class Arbiter:
         # collector, which would otherwise copy every page it touches.
         gc.freeze()
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_SIGNALS)
-        pid = os.fork()
+        pid = _fork()
         if pid:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             self.board.slot(slot).set(scoreboard.PID, pid)
@@ -505,7 +546,7 @@ class Arbiter:
     def _reset_in_child(self) -> None:
         signal.set_wakeup_fd(-1)
         for signum in _SIGNAL_NAMES:
-            signal.signal(signum, signal.SIG_DFL)
+            _set_signal_handler(signum, signal.SIG_DFL)
         os.close(self._wakeup_r)
         os.close(self._wakeup_w)
         if self.control is not None:

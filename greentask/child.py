@@ -1,9 +1,11 @@
-"""A forked worker's life: patch, import the task modules, serve.
+"""A forked worker's life (serve), and what the master prepares for it before the fork.
 
-The master (:mod:`greentask.arbiter`) forks before any gevent hub exists and
-calls :func:`run_worker` in the child. Only here, after ``patch_all``, are
-gevent and the task modules imported, so blocking stdlib I/O in tasks
-cooperates and a reload imports task code afresh.
+The master (:mod:`greentask.arbiter`) monkey-patches the standard library,
+imports gevent, greentask's server, ``[worker] preload`` and (by default) the
+task modules, freezes all that for the garbage collector, and forks. The
+children share those pages instead of each building its own copy, and every
+module they inherit, task code included, already sees gevent's sockets and
+locks. :func:`run_worker` is what a child runs.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import pwd
 import random
 import signal
 import socket
-from typing import Any
 
 from greentask.config import Config, set_current
 from greentask.errors import GreentaskError
@@ -65,14 +66,12 @@ def _import_listed(modules: list[str], kind: str, setting: str) -> None:
                                   f"{setting}): {type(exc).__name__}: {exc}") from exc
 
 
-#: Modules every worker imports; the master imports them once, before it
-#: forks, so their memory is shared by all children. Importing gevent before a
-#: hub exists, and patching in the child, is what gunicorn's gevent worker does.
+#: Modules every worker uses, imported by the master before it forks.
 SHARED_MODULES = (
-    "greentask.server", "gevent.monkey", "gevent.socket", "gevent.ssl", "gevent.select",
-    "gevent.selectors", "gevent.thread", "gevent.threading", "gevent.time", "gevent.os",
-    "gevent.signal", "gevent.subprocess", "gevent.queue", "gevent.local", "gevent.events",
-    "concurrent.futures", "importlib.metadata",
+    "greentask.server", "gevent.socket", "gevent.ssl", "gevent.select", "gevent.selectors",
+    "gevent.thread", "gevent.threading", "gevent.time", "gevent.os", "gevent.signal",
+    "gevent.subprocess", "gevent.queue", "gevent.local", "gevent.events", "gevent.pool",
+    "concurrent.futures",
     # Imported lazily by the hub, its loop, resolver and thread pool: loaded
     # here they also work for workers that switched to a user who cannot read
     # the Python installation.
@@ -80,21 +79,30 @@ SHARED_MODULES = (
 )
 
 
-#: Every installed package's entry points, read once by the master (see patch_gevent).
-_installed_entry_points: Any = None
+def prepare_master(preload: list[str]) -> None:
+    """Monkey-patch, then import what every worker uses and ``preload``.
 
-
-def preload_shared_modules(extra: list[str]) -> None:
-    """Import the workers' modules (and ``[worker] preload``) in the master, then freeze them.
-
-    Raises :class:`TaskModuleError` when one of ``extra`` does not import.
+    Patching comes first, as gevent asks, so the modules imported after it
+    (``preload``, the task modules) create gevent locks and sockets even when
+    they make them at import time. The master itself keeps using the
+    unpatched calls it took before patching (see :mod:`greentask.arbiter`).
+    Raises :class:`TaskModuleError` when one of ``preload`` does not import.
     """
+    from gevent import monkey
+    monkey.patch_all()
     for name in SHARED_MODULES:
         importlib.import_module(name)
-    global _installed_entry_points
-    from importlib import metadata
-    _installed_entry_points = metadata.entry_points()
-    _import_listed(extra, "module", "preload")
+    _import_listed(preload, "module", "preload")
+
+
+def freeze_for_fork() -> None:
+    """Hide what the master allocated from the children's garbage collectors.
+
+    A collection in a child would otherwise touch, and so copy, every page
+    of the master's objects. Unfreezing first lets the collection free the
+    task code a reload replaced.
+    """
+    gc.unfreeze()
     gc.collect()
     gc.freeze()
 
@@ -112,35 +120,15 @@ def drop_privileges(uid: int | None, gid: int | None) -> None:
         os.setuid(uid)
 
 
-def patch_gevent() -> None:
-    """``gevent.monkey.patch_all()``, looking gevent's plugins up in the master's list.
-
-    patch_all announces each step to plugins found through
-    ``importlib.metadata.entry_points``, which reads every installed package's
-    metadata again for each of about fifteen events. The master read them once
-    (:func:`preload_shared_modules`); answering from that list gives the same
-    plugins and spares each worker about 1 MiB of private memory.
-    """
-    from importlib import metadata
-
-    from gevent import monkey
-    if _installed_entry_points is None:
-        monkey.patch_all()
-        return
-    installed = _installed_entry_points
-    read_again = metadata.entry_points
-    metadata.entry_points = lambda **selection: installed.select(**selection)  # type: ignore
-    try:
-        monkey.patch_all()
-    finally:
-        metadata.entry_points = read_again
-
-
 def run_worker(listener: socket.socket, config: Config, master_pid: int, number: int,
                slot_index: int, scoreboard: object) -> int:
-    """Patch, import the tasks, serve until stopped; return the exit status."""
-    patch_gevent()
+    """Import the tasks (unless the master did), serve until stopped; return the exit status."""
+    import gevent
     import gevent.socket
+
+    # The master's gevent sockets made it a hub, which it never runs; after a
+    # raw fork gevent needs this before the child runs that hub itself.
+    gevent.reinit()
 
     from greentask.registry import default_registry
     from greentask.server import Worker
@@ -156,13 +144,12 @@ def run_worker(listener: socket.socket, config: Config, master_pid: int, number:
                   "root, or leave user and group empty", os.getpid(), exc)
         return EXIT_BOOT_ERROR
     try:
-        import_task_modules(config.worker.tasks)
+        import_task_modules(config.worker.tasks)  # nothing to do once the master imported them
     except TaskModuleError as exc:
         log.error("worker %d %s", os.getpid(), exc, exc_info=exc.__cause__)
         return EXIT_BOOT_ERROR
-    # A socket made before monkey-patching is not a gevent socket; serving it
-    # as-is accepts nothing, so re-wrap its descriptor (as gunicorn's gevent
-    # worker does).
+    # Wrap the master's listener afresh so its watchers belong to this
+    # process (as gunicorn's gevent worker does).
     gevent_listener = gevent.socket.socket(fileno=listener.detach())
     max_tasks = config.worker.max_tasks_per_child
     if max_tasks:

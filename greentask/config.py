@@ -332,13 +332,17 @@ SETTINGS: tuple[Setting, ...] = (
             "Number of forked worker processes."),
     Setting("worker", "tasks", "greentask.examples.basic, greentask.examples.mail",
             to_module_list,
-            "Task modules to import in each worker process, after the fork and after "
-            "gevent's monkey patching."),
+            "Task modules whose @task functions the workers serve. Imported after gevent's "
+            "monkey patching, by the master (see preload_tasks) or by each worker."),
+    Setting("worker", "preload_tasks", "true", to_bool,
+            "Import the task modules once in the master, before it forks, so the workers "
+            "share their memory; a reload imports them again there (code installed in "
+            "site-packages changes only on a restart). Set it to false for task modules "
+            "that must not be imported before the fork, such as ones that open connections "
+            "or start threads at import: each worker then imports them itself."),
     Setting("worker", "preload", "smtplib, email.message, email.policy", to_module_list,
             "Libraries the task modules use, imported once by the master before it forks so "
-            "the workers share their memory. Not the task modules themselves (those are "
-            "imported by each worker, so a reload picks up new code); a preloaded library "
-            "changes only on a restart."),
+            "the workers share their memory. A preloaded library changes only on a restart."),
     Setting("worker", "concurrency", "1000", to_positive_int,
             "Tasks one process runs at once; when they are all busy the process stops "
             "reading requests (TCP backpressure) instead of dropping them."),

@@ -1,16 +1,16 @@
 """Task registration: ``@task`` maps a name to a function; ``progress`` reports from inside one.
 
-A task module is imported in each worker process after the fork, so its
-``@task`` decorators fill that process's :data:`default_registry`. The server
-looks a request's ``function`` up there and calls it with the request's
-``args``.
+Task modules are imported by the master before it forks (or by each worker,
+with ``[worker] preload_tasks = no``), so their ``@task`` decorators fill the
+:data:`default_registry` every worker inherits. The server looks a request's
+``function`` up there and calls it with the request's ``args``.
 """
 
 from __future__ import annotations
 
 import contextvars
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar, overload
 
@@ -56,6 +56,19 @@ class Registry:
     def clear(self) -> None:
         """Forget every task."""
         self._tasks.clear()
+
+    def remove_tasks_of(self, modules: Collection[str]) -> None:
+        """Forget the tasks whose functions are defined in ``modules``."""
+        self._tasks = {name: fn for name, fn in self._tasks.items()
+                       if fn.__module__ not in modules}
+
+    def snapshot(self) -> dict[str, Callable[..., Any]]:
+        """A copy of the name -> function table, for :meth:`restore`."""
+        return dict(self._tasks)
+
+    def restore(self, snapshot: dict[str, Callable[..., Any]]) -> None:
+        """Go back to the tasks of a :meth:`snapshot`."""
+        self._tasks = dict(snapshot)
 
 
 #: The registry that ``@task`` fills and the server serves.

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from greentask.arbiter import EXIT_BOOT_ERROR, EXIT_CONFIG, EXIT_OK, Arbiter
-from greentask.child import TaskModuleError, import_task_modules, preload_shared_modules
+from greentask.child import TaskModuleError, import_task_modules, prepare_master
 from greentask.config import Config, check_worker_tls, load
 from greentask.errors import ConfigError
 from greentask.logs import setup_logging
@@ -42,7 +42,7 @@ def check(config: Config) -> int:
     """``--check``: import the task modules and list their tasks."""
     from greentask.registry import default_registry
     try:
-        preload_shared_modules(config.worker.preload)
+        prepare_master(config.worker.preload)
         import_task_modules(config.worker.tasks)
     except TaskModuleError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -179,9 +179,11 @@ def test_a_preload_module_that_does_not_import_stops_the_master(make_daemon):
 
 def test_sigterm_while_a_worker_boots_reaches_its_graceful_handler(make_daemon, tmp_path):
     """The master forks with the worker's signals blocked: one that arrives while
-    the worker boots is handled once it serves (a drain), not lost or fatal."""
+    the worker boots is handled once it serves (a drain), not lost or fatal. The
+    task module is imported by the worker (preload_tasks off), so it signals a
+    booting worker, not the master."""
     marker = tmp_path / "terminated"
-    daemon = make_daemon(start=False, processes=1,
+    daemon = make_daemon(start=False, processes=1, preload_tasks="false",
                          tasks="greentask.examples.basic, tests.self_term_tasks",
                          env={"GREENTASK_TEST_TERM_MARKER": str(marker)})
     daemon.start(wait=False)

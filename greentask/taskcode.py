@@ -1,0 +1,77 @@
+"""Task code in the master: import it once before the fork, import it again on reload.
+
+With ``[worker] preload_tasks`` (the default) the master imports the task
+modules after gevent's monkey patching, so every worker shares their memory
+instead of each importing its own copy. A reload (HUP) must serve the new
+code, so :meth:`TaskCode.reload` makes the master forget the modules that
+importing the tasks brought in from outside the Python installation (the task
+modules and their helpers) and import them again. Modules from the standard
+library and site-packages are never imported twice: re-running a library's
+import is unsafe (extension modules load once per process, and some libraries
+refuse or warn), so an installed package changes only on a restart, like
+``[worker] preload``. If the new code does not import, the old modules and
+tasks are put back and the running workers keep serving.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import site
+import sys
+from types import ModuleType
+
+from greentask.child import import_task_modules
+from greentask.registry import Registry
+
+#: Where the interpreter's own modules and installed packages live.
+LIBRARY_DIRS = tuple(sorted({os.path.dirname(os.__file__), *site.getsitepackages(),
+                             site.getusersitepackages()}))
+
+
+def is_reloadable(module: ModuleType) -> bool:
+    """True for Python source outside the standard library and site-packages."""
+    path = getattr(module, "__file__", None)
+    if not path or not path.endswith(".py"):  # built in, extension, namespace package
+        return False
+    return not os.path.realpath(path).startswith(LIBRARY_DIRS)
+
+
+class TaskCode:
+    """The task modules the master imported, and how to import them again."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        #: The reloadable modules the last import brought in, by name.
+        self.modules: dict[str, ModuleType] = {}
+
+    def load(self, names: list[str]) -> None:
+        """Import the task modules ``names``; raises :class:`~greentask.child.TaskModuleError`."""
+        before = set(sys.modules)
+        try:
+            import_task_modules(names)
+        finally:
+            self.modules.update((name, sys.modules[name]) for name in set(sys.modules) - before
+                                if is_reloadable(sys.modules[name]))
+
+    def forget(self) -> dict[str, ModuleType]:
+        """Drop the reloadable task modules and their tasks; return the modules dropped."""
+        dropped, self.modules = self.modules, {}
+        for name in dropped:
+            sys.modules.pop(name, None)
+        self.registry.remove_tasks_of(dropped)
+        importlib.invalidate_caches()
+        return dropped
+
+    def reload(self, names: list[str]) -> None:
+        """Import the task code again; on failure put the old code back and raise."""
+        tasks = self.registry.snapshot()
+        dropped = self.forget()
+        try:
+            self.load(names)
+        except Exception:
+            self.forget()  # what the failed import left half-done
+            sys.modules.update(dropped)
+            self.modules = dropped
+            self.registry.restore(tasks)
+            raise
