@@ -5,13 +5,13 @@ Theory of operation
 The master binds the task port once, maps the shared
 :class:`~greentask.scoreboard.Scoreboard`, then forks ``processes`` children
 that all serve that one listener (:func:`greentask.child.run_worker`).
-Before binding it monkey-patches, imports the modules every child needs
-(gevent's, ``[worker] preload`` and the task modules) and freezes them for the
-garbage collector, so the children share that memory
+Once its sockets are open, it monkey-patches, imports the modules every child
+needs (gevent's, ``[worker] preload`` and the task modules) and freezes them
+for the garbage collector, so the children share that memory
 (:func:`~greentask.child.prepare_master`, :mod:`greentask.taskcode`). A
 reload imports the task code again in the master before forking the new
-generation. The master itself never runs a gevent hub: its loop, signal
-handlers, fork and wait are the operating system's, taken before patching.
+generation. The master itself never has a gevent hub: its sockets, loop,
+signal handlers, fork and wait are the operating system's.
 
 Signal handlers only queue the signal and wake the main loop through a pipe.
 Each pass of the loop dispatches the queued signals to ``handle_<name>``,
@@ -65,13 +65,11 @@ from greentask.taskcode import TaskCode
 log = logging.getLogger("greentask.master")
 
 # The master is monkey-patched (what it imports for the workers must see
-# gevent) but never runs a hub: gevent's select would run one, its SIGCHLD
-# handler is only called from one, its fork would start libev child watchers
-# that reap the children before the master does, and its getaddrinfo would
-# start a resolver thread. So the master keeps the real calls; its sockets are
-# gevent's but non-blocking, so they never wait on the hub.
+# gevent) but has no gevent hub: gevent's select would start one, its SIGCHLD
+# handler is only called from one, and its fork would start libev child
+# watchers that reap the children before the master does. So the master keeps
+# the real calls. Its sockets are bound before patching, for the same reason.
 _select = get_original("select", "select")
-_getaddrinfo = get_original("socket", "getaddrinfo")
 _set_signal_handler = get_original("signal", "signal")
 _fork = get_original("os", "fork")
 _waitpid = get_original("os", "waitpid")
@@ -116,8 +114,8 @@ def bind_listener(address: tuple[str, int], backlog: int = LISTEN_BACKLOG) -> so
     """Open the listening socket that every worker will share."""
     host, port = address
     try:
-        family = _getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                              flags=socket.AI_PASSIVE)[0][0]
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                    flags=socket.AI_PASSIVE)[0][0]
         sock = socket.socket(family, socket.SOCK_STREAM)
     except OSError as exc:
         raise BindError(f"cannot listen on {host}:{port}: {exc}") from None
@@ -183,6 +181,8 @@ class Arbiter:
         self.control: ControlServer | None = None
         self.metrics: OneShotServer | None = None
         self.task_code = TaskCode(default_registry)
+        #: The pidfile written at start (a reload does not move it).
+        self._pidfile = config.worker.pidfile
         #: Counters of workers that have exited, so totals never go backwards.
         self.totals = [0.0] * len(scoreboard.FIELDS)
         #: Task counts by function of the workers that exited: [ok, failed, timeout].
@@ -196,35 +196,22 @@ class Arbiter:
         return self._stop_deadline is not None
 
     def run(self) -> int:
-        """Bind, fork, supervise until stopped; return the exit status."""
-        pidfile = self.config.worker.pidfile
+        """Bind, prepare what the workers share, fork, supervise until stopped.
+
+        Returns the exit status.
+        """
+        if not self._open():
+            return EXIT_CONFIG
         try:
-            # First, so a module that does not import leaves nothing to undo.
+            # After binding: the master's own sockets are the operating
+            # system's, so it never has a gevent hub (see prepare_master).
             prepare_master(self.config.worker.preload)
             self._import_task_code(self.config)
         except TaskModuleError as exc:
             log.error("%s; the workers could not start", exc, exc_info=exc.__cause__)
+            self._close()
             return EXIT_BOOT_ERROR
-        try:
-            if pidfile:
-                write_pidfile(pidfile)
-            self.listener = bind_listener(self.config.worker.bind)
-            self.control = ControlServer(control_socket_path(self.config), self.handle_command)
-            if self.config.worker.metrics_bind:
-                # Imported only when used: prometheus_client and what it imports
-                # add about 2 MiB to the master, which every worker would map too.
-                from greentask.metrics import MetricsServer
-                self.metrics = MetricsServer(self.config.worker.metrics_bind,
-                                             self.metrics_snapshot)
-        except (BindError, ControlError, OSError) as exc:
-            log.error("%s", exc)
-            if self.listener is not None:
-                self.listener.close()
-            if self.control is not None:
-                self.control.close()
-            if pidfile:
-                remove_pidfile(pidfile)
-            return EXIT_CONFIG
+        assert self.listener is not None and self.control is not None
         host, port = self.listener.getsockname()[:2]
         set_process_title(f"greentask master [{self.config.worker.name}]")
         log.info("%s master %d listening at %s:%d with %d worker processes; control socket "
@@ -241,14 +228,35 @@ class Arbiter:
                 self.watch_heartbeats()
                 self.murder_workers()
         finally:
-            self.listener.close()
-            self.control.close()
-            if self.metrics is not None:
-                self.metrics.close()
-            if pidfile:
-                remove_pidfile(pidfile)
+            self._close()
         log.info("master %d exits with status %d", os.getpid(), self.exit_code)
         return self.exit_code
+
+    def _open(self) -> bool:
+        """Write the pidfile, bind the task port, the control socket and metrics."""
+        try:
+            if self._pidfile:
+                write_pidfile(self._pidfile)
+            self.listener = bind_listener(self.config.worker.bind)
+            self.control = ControlServer(control_socket_path(self.config), self.handle_command)
+            if self.config.worker.metrics_bind:
+                # Imported only when used: prometheus_client and what it imports
+                # add about 2 MiB to the master, which every worker would map too.
+                from greentask.metrics import MetricsServer
+                self.metrics = MetricsServer(self.config.worker.metrics_bind,
+                                             self.metrics_snapshot)
+        except (BindError, ControlError, OSError) as exc:
+            log.error("%s", exc)
+            self._close()
+            return False
+        return True
+
+    def _close(self) -> None:
+        for server in (self.listener, self.control, self.metrics):
+            if server is not None:
+                server.close()
+        if self._pidfile:
+            remove_pidfile(self._pidfile)
 
     # -- signals -----------------------------------------------------------
 

@@ -85,7 +85,8 @@ def prepare_master(preload: list[str]) -> None:
     Patching comes first, as gevent asks, so the modules imported after it
     (``preload``, the task modules) create gevent locks and sockets even when
     they make them at import time. The master itself keeps using the
-    unpatched calls it took before patching (see :mod:`greentask.arbiter`).
+    unpatched calls and the sockets it made before patching (see
+    :mod:`greentask.arbiter`).
     Raises :class:`TaskModuleError` when one of ``preload`` does not import.
     """
     from gevent import monkey
@@ -126,8 +127,8 @@ def run_worker(listener: socket.socket, config: Config, master_pid: int, number:
     import gevent
     import gevent.socket
 
-    # The master's gevent sockets made it a hub, which it never runs; after a
-    # raw fork gevent needs this before the child runs that hub itself.
+    # The master has no hub, unless task code made one at import; after a
+    # raw fork gevent needs this before the child runs it.
     gevent.reinit()
 
     from greentask.registry import default_registry

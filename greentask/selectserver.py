@@ -58,9 +58,13 @@ class OneShotServer:
     def _accept(self) -> None:
         while True:
             try:
-                sock, _ = self.listener.accept()
+                fd, _ = self.listener._accept()
             except (BlockingIOError, InterruptedError):
                 return
+            # Not accept(): in the monkey-patched master it makes gevent
+            # sockets, whose creation starts a hub. Same class as the listener.
+            sock = type(self.listener)(self.listener.family, self.listener.type,
+                                       self.listener.proto, fileno=fd)
             sock.setblocking(False)
             self._clients[sock.fileno()] = (sock, bytearray(),
                                             time.monotonic() + CLIENT_DEADLINE)

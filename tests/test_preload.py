@@ -10,8 +10,8 @@ import pytest
 
 from greentask import TaskClient
 
-from .conftest import wait_until
-from .test_control import greentask
+from .conftest import free_port, wait_until
+from .test_control import greentask, scrape
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -102,11 +102,23 @@ def test_a_failed_reload_keeps_the_old_code_and_the_next_one_works(make_daemon, 
         wait_until(lambda: client.call("helper_version") == 3, 15, "the fixed code")
 
 
-def test_the_master_runs_one_thread(daemon):
-    """The master is patched but keeps the real getaddrinfo, select and fork:
-    binding, control commands and reloads never start gevent's resolver or
-    thread pool in it."""
+def test_the_master_has_one_thread_and_no_event_loop(make_daemon):
+    """The master is patched but keeps the operating system's sockets, select,
+    getaddrinfo and fork: binding, control commands, metrics and reloads never
+    start a gevent hub (whose libev loop holds an epoll descriptor) or gevent's
+    resolver thread in it. Its workers do have one."""
+    metrics_port = free_port()
+    daemon = make_daemon(metrics_bind=f"127.0.0.1:{metrics_port}")
     assert greentask("status", "-c", str(daemon.config)).returncode == 0
+    assert scrape(metrics_port)
     daemon.signal(signal.SIGHUP)
     wait_until(lambda: daemon.log().count("serving") >= 4, 15, "the reload")
+    assert greentask("status", "-c", str(daemon.config)).returncode == 0
+
+    def epoll_descriptors(pid: int) -> list[str]:
+        links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+        return [link for link in links if "eventpoll" in link]
+
     assert os.listdir(f"/proc/{daemon.pid}/task") == [str(daemon.pid)]
+    assert epoll_descriptors(daemon.pid) == []
+    assert all(epoll_descriptors(child) for child in daemon.children())
