@@ -122,3 +122,20 @@ def test_the_master_has_one_thread_and_no_event_loop(make_daemon):
     assert os.listdir(f"/proc/{daemon.pid}/task") == [str(daemon.pid)]
     assert epoll_descriptors(daemon.pid) == []
     assert all(epoll_descriptors(child) for child in daemon.children())
+
+
+def test_turning_preload_tasks_off_on_reload_hands_the_import_to_the_workers(make_daemon,
+                                                                            tmp_path):
+    record = tmp_path / "imports"
+    daemon = make_daemon(tasks="greentask.examples.basic, tests.import_probe_tasks",
+                         env={"GREENTASK_TEST_IMPORT_LOG": str(record)})
+    assert imports_logged(record) == [daemon.pid]
+    old = set(daemon.children())
+    daemon.config.write_text(daemon.config.read_text().replace(
+        "[worker]\n", "[worker]\npreload_tasks = false\n", 1))
+    daemon.signal(signal.SIGHUP)
+    new = daemon.wait_for_children(2, 15, exclude=old)
+    wait_until(lambda: sorted(imports_logged(record)) == sorted([daemon.pid, *new]), 10,
+               f"imports by the new workers, got {imports_logged(record)}")
+    with TaskClient([daemon.address]) as client:
+        assert client.call("take_lock") == "taken"
