@@ -24,9 +24,10 @@ from types import ModuleType
 from greentask.child import import_task_modules
 from greentask.registry import Registry
 
-#: Where the interpreter's own modules and installed packages live.
-LIBRARY_DIRS = tuple(sorted({os.path.dirname(os.__file__), *site.getsitepackages(),
-                             site.getusersitepackages()}))
+#: Where the interpreter's own modules and installed packages live (resolved,
+#: with a trailing separator, so a sibling such as ``site-packages-old`` is not inside).
+LIBRARY_DIRS = tuple(sorted({os.path.join(os.path.realpath(directory), "") for directory in (
+    os.path.dirname(os.__file__), *site.getsitepackages(), site.getusersitepackages())}))
 
 
 def is_reloadable(module: ModuleType) -> bool:
