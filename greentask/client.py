@@ -54,6 +54,9 @@ DOWN_RETRY_DELAY = 1.0
 MAX_REPLY_LINE = 64 * 1024 * 1024
 #: Seconds a call waits past its own timeout for the server's Timeout reply.
 REPLY_MARGIN = 1.0
+#: Seconds a failed send waits for the connection's reader to learn why (a TLS
+#: alert, a reset), so the error names the cause rather than a broken pipe.
+SEND_FAILURE_GRACE = 0.5
 #: Times one request may be sent (failover, ShuttingDown, retry=True) before it fails.
 MAX_ATTEMPTS = 5
 
@@ -111,6 +114,10 @@ class TaskHandle:
             self.on_progress(value)
         except Exception:
             log.exception("on_progress callback of task %r raised", self.function)
+
+    def _refused(self, reason: str) -> None:
+        """The server refused the connection before reading this request: send it elsewhere."""
+        self._client._send(self, reason)
 
     def _lost(self, reason: str) -> None:
         """The connection died after this request was sent."""
@@ -197,6 +204,7 @@ class _Connection:
         self._pending: dict[int, TaskHandle] = {}
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
+        self._reader_done = threading.Event()
         threading.Thread(target=self._read_loop, name=f"greentask-reader-{address[1]}",
                          daemon=True).start()
 
@@ -217,11 +225,14 @@ class _Connection:
             self._pending[request_id] = handle
             try:
                 self._sendall(line)
+                return
             except OSError as exc:
                 del self._pending[request_id]
                 # Dead, though the reader may not have seen it yet: send no more here.
                 self.draining = True
-                raise _SendFailed(str(exc)) from None
+                failure = str(exc)
+        self._reader_done.wait(SEND_FAILURE_GRACE)
+        raise _SendFailed(self.closed_because or failure)
 
     def close(self) -> None:
         """Close; the reader fails whatever is still pending."""
@@ -235,19 +246,30 @@ class _Connection:
     def _read_loop(self) -> None:
         decoder = LineDecoder(MAX_REPLY_LINE)
         reason = "closed by the server"
+        received = refused = False
         try:
             while not decoder.too_large:
                 data = self._recv(65536)
                 if not data:
                     break
+                received = True
                 for line in decoder.feed(data):
                     self._dispatch(parse_reply(line))
             else:
                 reason = f"a reply line was longer than {MAX_REPLY_LINE} bytes"
+        except ssl.SSLError as exc:
+            # A TLS alert before any reply: the server refused the session
+            # (under TLS 1.3 it checks the client's certificate after the
+            # client's handshake is done), so it read none of our requests.
+            refused = not received
+            reason = f"TLS: {exc.reason or exc}" + (
+                " (the server requires a client certificate it accepts: pass certfile and "
+                "keyfile to greentask.tls.client_context)" if "CERTIFICATE" in str(exc) else "")
         except OSError as exc:
             reason = str(exc)
         finally:
-            self._fail_pending(reason)
+            self._fail_pending(reason, refused)
+            self._reader_done.set()
 
     def _dispatch(self, reply: Reply) -> None:
         if reply.kind == "closing":
@@ -287,7 +309,7 @@ class _Connection:
         if done:
             self.close()
 
-    def _fail_pending(self, reason: str) -> None:
+    def _fail_pending(self, reason: str, refused: bool = False) -> None:
         with self._lock:
             self.alive = False
             self.closed_because = reason
@@ -295,7 +317,10 @@ class _Connection:
             self._pending.clear()
         self.sock.close()
         for handle in lost:
-            handle._lost(reason)
+            if refused:
+                handle._refused(reason)
+            else:
+                handle._lost(reason)
 
 
 class TaskClient:
@@ -383,7 +408,8 @@ class TaskClient:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _send(self, handle: TaskHandle) -> None:
+    def _send(self, handle: TaskHandle, refusal: str = "") -> None:
+        """Send ``handle`` on some connection; ``refusal``: why a server just refused it."""
         last_error = ""
         while handle.attempts < MAX_ATTEMPTS:
             handle.attempts += 1
@@ -396,9 +422,12 @@ class TaskClient:
             except GreentaskError as exc:
                 handle._resolve(error=exc)
                 return
+        # A refusal says more than the send that failed after it on a
+        # connection the same server had already closed.
         handle._resolve(error=ConnectionFailed(
             f"task {handle.function!r} could not be delivered after {MAX_ATTEMPTS} attempts "
-            f"(last: {last_error or 'no connection'}); servers: {self._describe_servers()}"))
+            f"(last: {refusal or last_error or 'no connection'}); servers: "
+            f"{self._describe_servers()}"))
 
     def _connection(self) -> _Connection:
         with self._lock:

@@ -34,6 +34,7 @@ from collections.abc import Callable
 from typing import Any
 
 import gevent
+import gevent.socket
 import greenlet
 from gevent.event import Event
 from gevent.lock import Semaphore
@@ -58,6 +59,8 @@ IDLE_RUNNERS_FLOOR = 64
 HEARTBEAT_INTERVAL = 1.0
 #: Longest TLS handshake; a peer that takes longer is disconnected (seconds).
 HANDSHAKE_TIMEOUT = 10.0
+#: Longest wait for a refused TLS peer to close, so it gets our alert (seconds).
+REFUSAL_LINGER = 1.0
 #: Task limits at least this long are enforced by a sweep every
 #: DEADLINE_SWEEP_INTERVAL instead of a timer per task, which costs about a
 #: microsecond per task; shorter ones get their own timer (seconds).
@@ -72,6 +75,25 @@ _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 class _Expired(BaseException):
     """Thrown into a task past its deadline by the sweep (BaseException, like gevent.Timeout,
     so a task's ``except Exception`` does not swallow it)."""
+
+
+def close_after_refusal(sock: socket.socket) -> None:
+    """Close so the peer reads why it was refused (a TLS alert, an error line).
+
+    Closing with its request unread would send a reset, which can overtake
+    the alert or line sent just before. So stop writing, read and drop what
+    the peer still sends for up to :data:`REFUSAL_LINGER` seconds, then close.
+    """
+    plain = gevent.socket.socket(fileno=sock.detach())
+    try:
+        with gevent.Timeout(REFUSAL_LINGER, False):
+            plain.shutdown(socket.SHUT_WR)
+            while plain.recv(RECV_SIZE):
+                pass
+    except OSError:
+        pass
+    finally:
+        plain.close()
 
 
 def resident_memory() -> int:
@@ -178,9 +200,7 @@ class Worker:
         tls_sock = None
         try:
             if sock.recv(1, socket.MSG_PEEK) == b"{":
-                # A plain-text client: answer in words it can read (after
-                # reading what it sent, so closing does not reset the answer).
-                sock.recv(RECV_SIZE)
+                # A plain-text client: answer in words it can read.
                 sock.sendall(encode_error(None, BadRequest(
                     "this task port speaks TLS only; connect with TLS (TaskClient("
                     "ssl_context=greentask.tls.client_context(...)), [gateway] tls = true)")))
@@ -190,7 +210,7 @@ class Worker:
             tls_sock.do_handshake()
         except (OSError, ValueError) as exc:
             self.note_refused(peer, f"TLS handshake failed ({exc})")
-            (tls_sock or sock).close()
+            close_after_refusal(tls_sock or sock)
             return None
         tls_sock.settimeout(None)
         return tls_sock
