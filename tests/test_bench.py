@@ -54,3 +54,18 @@ def test_profile_prints_the_heaviest_frames_of_a_loaded_worker():
     sections = result.stdout.split("\ninclusive")
     assert "self (" in sections[0] and len(sections) == 2
     assert "greentask/server.py" in sections[1]  # the worker's own frames were sampled
+
+
+def test_bench_tls_mode_compares_tls_with_plain_text():
+    result = subprocess.run(
+        [sys.executable, "scripts/bench", "--tls", "--seconds", "0.5", "--runs", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=150)
+    assert result.returncode == 0, result.stderr
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines()
+            if line.startswith("| echo")]
+    assert [(cells[0].strip(), cells[1].strip()) for cells in rows] == [
+        ("echo, persistent, C=64", "plain"), ("echo, persistent, C=64", "TLS"),
+        ("echo, connect per task, C=64", "plain"), ("echo, connect per task, C=64", "TLS")]
+    for cells in rows:
+        assert int(cells[2].replace(",", "")) > 0  # tasks/s
+        assert cells[7].strip() == "0"  # errors
