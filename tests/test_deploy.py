@@ -269,3 +269,36 @@ def test_haproxy_spreads_calls_and_survives_a_dead_host(make_daemon, tmp_path):
         assert "task" in proxy.log()
     finally:
         proxy.stop()
+
+
+def test_scripts_run_starts_everything_and_its_stop_command_works(tmp_path):
+    """What the README tells a new user: scripts/run, a call, then the stop
+    command it prints, typed in another shell (without its environment)."""
+    port, gateway_port, run_dir = free_port(), free_port(), tmp_path / "run"
+    env = {**os.environ, "GREENTASK_RUN_DIR": str(run_dir),
+           "GREENTASK_WORKER_BIND": f"127.0.0.1:{port}",
+           "GREENTASK_GATEWAY_TASK_SERVERS": f"127.0.0.1:{port}",
+           "GUNICORN_CMD_ARGS": f"--bind 127.0.0.1:{gateway_port}"}
+    banner = tmp_path / "banner"
+    with open(banner, "wb") as out:
+        proc = subprocess.Popen(["scripts/run"], cwd=ROOT, env=env, stdout=out, stderr=out)
+    try:
+        wait_until(lambda: port_open(port) and port_open(gateway_port), 90,
+                   f"scripts/run to serve\n{banner.read_text()}")
+        call = subprocess.run([str(BIN / "greentask"), "call", "echo", '{"x": 1}'],
+                              env=env, cwd=ROOT, capture_output=True, text=True, timeout=30)
+        assert call.stdout.strip() == '{"x":1}', call.stderr
+        lines = banner.read_text().splitlines()
+        stop_command = lines[lines.index("Stop with Ctrl-C, or:") + 1].strip()
+        clean_env = {k: v for k, v in os.environ.items() if not k.startswith("GREENTASK_")}
+        stopped = subprocess.run(["bash", "-c", stop_command], cwd=ROOT, env=clean_env,
+                                 capture_output=True, text=True, timeout=60)
+        assert "Shut down" in stopped.stdout, stopped.stderr
+        assert proc.wait(60) == 0
+    finally:
+        pids = descendants(proc.pid)
+        if proc.poll() is None:
+            proc.kill()
+        for pid in pids:
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
