@@ -18,8 +18,8 @@ bound) for those peers to close, and exits. SIGINT and SIGQUIT exit at once.
 The process beats a heartbeat and keeps its counters in its scoreboard slot
 (:mod:`greentask.scoreboard`); the master reads them.
 
-This module imports gevent, so only a forked child imports it, after it has
-monkey-patched (see :mod:`greentask.arbiter`).
+The master imports this module for its children after monkey-patching (see
+:func:`greentask.child.prepare_master`); only the children run it.
 """
 
 from __future__ import annotations
