@@ -173,6 +173,16 @@ class _TLSStream:
             waiter.poll()
 
 
+#: OpenSSL's names for the alerts a server sends when it rejects the client's
+#: certificate, which happens only in the handshake.
+_REFUSAL_ALERTS = ("CERTIFICATE", "UNKNOWN_CA", "ACCESS_DENIED", "HANDSHAKE_FAILURE")
+
+
+def _is_handshake_refusal(exc: ssl.SSLError) -> bool:
+    reason = exc.reason or ""
+    return "ALERT" in reason and any(name in reason for name in _REFUSAL_ALERTS)
+
+
 class _Connection:
     """One persistent connection and the thread that reads its replies."""
 
@@ -258,13 +268,13 @@ class _Connection:
             else:
                 reason = f"a reply line was longer than {MAX_REPLY_LINE} bytes"
         except ssl.SSLError as exc:
-            # A TLS alert before any reply: the server refused the session
-            # (under TLS 1.3 it checks the client's certificate after the
-            # client's handshake is done), so it read none of our requests.
-            refused = not received
+            # Under TLS 1.3 the server checks the client's certificate after
+            # the client's side of the handshake is done: its refusal arrives
+            # as an alert here, and it read none of our requests.
+            refused = not received and _is_handshake_refusal(exc)
             reason = f"TLS: {exc.reason or exc}" + (
                 " (the server requires a client certificate it accepts: pass certfile and "
-                "keyfile to greentask.tls.client_context)" if "CERTIFICATE" in str(exc) else "")
+                "keyfile to greentask.tls.client_context)" if refused else "")
         except OSError as exc:
             reason = str(exc)
         finally:

@@ -159,6 +159,13 @@ def test_mutual_tls_requires_a_client_certificate(make_daemon, certs):
         with certs.client(daemon) as anonymous, \
                 pytest.raises(ConnectionFailed, match=r"CERTIFICATE_REQUIRED.*client certificate"):
             anonymous.call("echo", 1)
+    # A certificate from a CA the server does not trust is refused the same way.
+    stranger = trustme.CA().issue_cert("stranger@greentask.test")
+    stranger_pem = certs.client_cert.with_name("stranger.pem")
+    stranger.private_key_and_cert_chain_pem.write_to_path(str(stranger_pem))
+    with certs.client(daemon, certfile=str(stranger_pem)) as stranger_client, \
+            pytest.raises(ConnectionFailed, match=r"ALERT_(UNKNOWN_CA|BAD_CERTIFICATE)"):
+        stranger_client.call("echo", 1)
     with certs.client(daemon, certfile=str(certs.client_cert),
                       keyfile=str(certs.client_key)) as client:
         assert client.call("echo", "mtls") == ["mtls"]
