@@ -446,14 +446,14 @@ class Arbiter:
             self.config, self.generation, self.processes = self._before_reload
             self._before_reload = None
             log.error("reload failed: worker %d of the new generation could not start (see "
-                      "its error above); generation %d keeps serving. Fix the [worker] tasks "
-                      "modules, then reload again", worker.pid, self.generation)
+                      "its error above); generation %d keeps serving. Fix what that error "
+                      "names, then reload again", worker.pid, self.generation)
             for other in list(self.workers.values()):
                 if other.generation > self.generation:
                     self.retire(other, "failed reload")
             return
-        log.error("worker %d could not start (see its error above); stopping. Fix the "
-                  "[worker] tasks modules, then start again", worker.pid)
+        log.error("worker %d could not start (see its error above); stopping. Fix what "
+                  "that error names, then start again", worker.pid)
         self.exit_code = EXIT_BOOT_ERROR
         self.handle_quit()
 

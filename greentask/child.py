@@ -131,6 +131,7 @@ def run_worker(listener: socket.socket, config: Config, master_pid: int, number:
     # raw fork gevent needs this before the child runs it.
     gevent.reinit()
 
+    from greentask import tls
     from greentask.registry import default_registry
     from greentask.server import Worker
 
@@ -138,6 +139,11 @@ def run_worker(listener: socket.socket, config: Config, master_pid: int, number:
     # SIGABRT from the watchdog then prints where the blocked task was.
     faulthandler.enable()
     set_current(config)
+    settings = config.worker
+    # Before switching user: the key is usually readable by root only. The
+    # master checked these files at start (or reload), so they load.
+    ssl_context = None if settings.certfile is None else tls.server_context(
+        settings.certfile, settings.keyfile, settings.ca_certs)
     try:
         drop_privileges(config.worker.user, config.worker.group)
     except OSError as exc:
@@ -156,5 +162,6 @@ def run_worker(listener: socket.socket, config: Config, master_pid: int, number:
     if max_tasks:
         max_tasks += random.randint(0, config.worker.max_tasks_jitter)
     slot = scoreboard.slot(slot_index)  # type: ignore[attr-defined]
-    Worker(gevent_listener, config, default_registry, master_pid, slot, max_tasks).serve_forever()
+    Worker(gevent_listener, config, default_registry, master_pid, slot, max_tasks,
+           ssl_context).serve_forever()
     return EXIT_OK

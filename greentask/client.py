@@ -16,7 +16,8 @@ could not be written completely never reached a server, and is sent
 elsewhere. A request that was sent but whose connection died before the
 reply raises :class:`WorkerLost`, unless the caller said the task may run
 twice (``retry=True``). A ``ShuttingDown`` answer means the task did not run,
-so it is always sent again on another connection.
+so it is always sent again on another connection; so does a TLS server's
+refusal of the client's certificate, which comes before it reads anything.
 
 TLS: OpenSSL forbids using one ``SSL`` object from two threads at once, and
 a reader thread plus writing callers would. A TLS connection therefore puts

@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
 #: Bytes read per ``recv``; also the most one read adds to a connection's buffer.
 RECV_SIZE = 64 * 1024
-#: How long a connection closed for a too-long line keeps discarding input (seconds).
+#: How long a connection closed on an error keeps discarding input (seconds).
 LINGER_SECONDS = 2.0
 #: After telling an idle pipelining peer to close, how long to wait for it (seconds).
 IDLE_GRACE = 10.0
@@ -57,6 +57,21 @@ def shutdown_socket(sock: socket.socket, how: int) -> None:
     # go out in clear text: call the plain socket's method.
     try:
         gevent.socket.socket.shutdown(sock, how)
+    except OSError:
+        pass
+
+
+def linger(sock: socket.socket) -> None:
+    """Send FIN, then discard what the peer still sends for up to :data:`LINGER_SECONDS`.
+
+    Closing with unread input sends a reset, which can destroy what was sent
+    just before (a TooLarge reply, a TLS alert) before the peer reads it.
+    """
+    shutdown_socket(sock, socket.SHUT_WR)
+    try:
+        with gevent.Timeout(LINGER_SECONDS, False):
+            while sock.recv(RECV_SIZE):
+                pass
     except OSError:
         pass
 
@@ -98,19 +113,7 @@ class Connection:
             self._idle.wait()
             self.writer.wait_flushed()
             if self.decoder.too_large:
-                self._linger()
-
-    def _linger(self) -> None:
-        # Closing with unread input sends a reset, which can destroy the
-        # TooLarge reply before the peer reads it: send FIN, then discard what
-        # the peer is still sending for a bounded time.
-        shutdown_socket(self.sock, socket.SHUT_WR)
-        try:
-            with gevent.Timeout(LINGER_SECONDS, False):
-                while self.sock.recv(RECV_SIZE):
-                    pass
-        except OSError:
-            pass
+                linger(self.sock)
 
     def stop_reading(self, how: int = socket.SHUT_RD) -> None:
         """Make the reader see end of input (a drain, an idle peer)."""

@@ -28,6 +28,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import time
 import traceback
 from collections.abc import Callable
@@ -40,10 +41,10 @@ from gevent.event import Event
 from gevent.lock import Semaphore
 from gevent.server import StreamServer
 
-from greentask import scoreboard, tls
+from greentask import scoreboard
 from greentask.child import WORKER_SIGNALS
 from greentask.config import Config
-from greentask.connection import RECV_SIZE, Connection
+from greentask.connection import Connection, linger
 from greentask.errors import BadRequest, RemoteError, TaskError, TaskTimeout
 from greentask.logs import reopen_log_files
 from greentask.protocol import Request, encode_closing, encode_error, encode_result
@@ -59,8 +60,6 @@ IDLE_RUNNERS_FLOOR = 64
 HEARTBEAT_INTERVAL = 1.0
 #: Longest TLS handshake; a peer that takes longer is disconnected (seconds).
 HANDSHAKE_TIMEOUT = 10.0
-#: Longest wait for a refused TLS peer to close, so it gets our alert (seconds).
-REFUSAL_LINGER = 1.0
 #: Task limits at least this long are enforced by a sweep every
 #: DEADLINE_SWEEP_INTERVAL instead of a timer per task, which costs about a
 #: microsecond per task; shorter ones get their own timer (seconds).
@@ -78,20 +77,11 @@ class _Expired(BaseException):
 
 
 def close_after_refusal(sock: socket.socket) -> None:
-    """Close so the peer reads why it was refused (a TLS alert, an error line).
-
-    Closing with its request unread would send a reset, which can overtake
-    the alert or line sent just before. So stop writing, read and drop what
-    the peer still sends for up to :data:`REFUSAL_LINGER` seconds, then close.
-    """
+    """Close a connection refused at the handshake so the peer reads why (an alert, a line)."""
+    # Detached from a failed TLS socket: what lingering reads is raw bytes.
     plain = gevent.socket.socket(fileno=sock.detach())
     try:
-        with gevent.Timeout(REFUSAL_LINGER, False):
-            plain.shutdown(socket.SHUT_WR)
-            while plain.recv(RECV_SIZE):
-                pass
-    except OSError:
-        pass
+        linger(plain)
     finally:
         plain.close()
 
@@ -106,7 +96,8 @@ class Worker:
     """A worker process's server: the shared listener, the task pool, the drain."""
 
     def __init__(self, listener: socket.socket, config: Config, registry: Registry,
-                 master_pid: int, slot: scoreboard.Slot, max_tasks: int = 0) -> None:
+                 master_pid: int, slot: scoreboard.Slot, max_tasks: int = 0,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.config = config
         self.registry = registry
         self.master_pid = master_pid
@@ -135,8 +126,8 @@ class Worker:
         self._task_timeout = settings.task_timeout
         self._open_sockets = 0
         self._accept_paused = False
-        self.ssl_context = None if settings.certfile is None else tls.server_context(
-            settings.certfile, settings.keyfile, settings.ca_certs)
+        #: TLS on the task port (``[worker] certfile``), or None.
+        self.ssl_context = ssl_context
         token = config.worker.auth_token_file
         self.auth_token: bytes | None = token.encode() if token else None
         self._refusals: dict[str, int] = {}

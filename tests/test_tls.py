@@ -234,3 +234,14 @@ def test_the_gateway_refuses_to_start_with_bad_tls_files(daemon, make_gateway, t
     assert gateway.proc.returncode != 0
     assert f"[gateway] ca_certs = {not_pem}" in gateway.log()
     assert "give the PEM CA certificates" in gateway.log()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching user needs root")
+def test_workers_switched_to_another_user_still_serve_tls(make_daemon, certs):
+    """The key is readable by root only (0600): workers load it before they switch."""
+    daemon = make_daemon(certfile=certs.certfile, keyfile=certs.keyfile, user="nobody",
+                         group="nogroup")
+    for pid in daemon.children():
+        assert os.stat(f"/proc/{pid}").st_uid == 65534
+    with certs.client(daemon) as client:
+        assert client.call("echo", "as nobody") == ["as nobody"]
