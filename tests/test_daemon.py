@@ -43,12 +43,21 @@ def test_thousand_concurrent_calls_all_succeed(daemon):
 
 def test_both_processes_serve(daemon, connect):
     # Queue many connections at once: each wake-up of a worker accepts one
-    # (max_accept = 1), so both workers take some.
-    conns = [connect(daemon.port) for _ in range(64)]
-    for conn in conns:
-        conn.send_json({"function": "pid"})
-    pids = {conn.read_json()["result"] for conn in conns}
-    assert pids == set(daemon.children())
+    # (max_accept = 1), so both workers take some. Which worker wins each
+    # accept is up to the kernel's scheduler: on a busy 2-core machine one
+    # worker can win a whole round, so a few rounds are allowed.
+    children = set(daemon.children())
+    pids: set[int] = set()
+    for _ in range(20):
+        conns = [connect(daemon.port) for _ in range(64)]
+        for conn in conns:
+            conn.send_json({"function": "pid"})
+        pids |= {conn.read_json()["result"] for conn in conns}
+        for conn in conns:
+            conn.close()
+        if pids == children:
+            break
+    assert pids == children
 
 
 def test_cpu_hog_in_one_child_does_not_stop_the_other(daemon, connect):
