@@ -60,7 +60,7 @@ from greentask.errors import ConfigError, GreentaskError
 from greentask.logs import reopen_log_files
 from greentask.registry import default_registry
 from greentask.selectserver import OneShotServer
-from greentask.taskcode import TaskCode
+from greentask.taskcode import SavedCode, TaskCode
 
 log = logging.getLogger("greentask.master")
 
@@ -170,7 +170,7 @@ class Arbiter:
         self.workers: dict[int, WorkerProcess] = {}
         self.exit_code = EXIT_OK
         self._reload_config = reload_config
-        self._before_reload: tuple[Config, int, int] | None = None
+        self._before_reload: tuple[Config, int, int, SavedCode] | None = None
         self._signals: list[int] = []
         self._wakeup_r = self._wakeup_w = -1
         self._stop_deadline: float | None = None
@@ -330,7 +330,7 @@ class Arbiter:
             log.error("SIGHUP: reload refused, the running workers keep serving: %s", exc)
             return
         try:
-            self._import_task_code(config)
+            saved_code = self._import_task_code(config)
         except TaskModuleError as exc:
             log.error("SIGHUP: reload failed, generation %d keeps serving: %s. Fix the "
                       "[worker] tasks modules, then reload again", self.generation, exc,
@@ -340,7 +340,7 @@ class Arbiter:
             log.warning("SIGHUP: [worker] bind changed; the listener stays at %s:%d until a "
                         "restart", *self.config.worker.bind)
             config.worker.bind = self.config.worker.bind
-        self._before_reload = (self.config, self.generation, self.processes)
+        self._before_reload = (self.config, self.generation, self.processes, saved_code)
         self.config = config
         self.processes = config.worker.processes
         self.generation += 1
@@ -348,18 +348,20 @@ class Arbiter:
         log.info("SIGHUP: reloading: starting generation %d (%d workers)", self.generation,
                  self.processes)
 
-    def _import_task_code(self, config: Config) -> None:
-        """Import the task code ``config`` names (or, without preload_tasks, forget it)."""
+    def _import_task_code(self, config: Config) -> SavedCode:
+        """Import the task code ``config`` names (or, without preload_tasks, forget it).
+
+        Returns the code it replaced.
+        """
         set_current(config)
         try:
-            if config.worker.preload_tasks:
-                self.task_code.reload(config.worker.tasks)
-            else:
-                self.task_code.forget()
+            saved = self.task_code.reload(
+                config.worker.tasks if config.worker.preload_tasks else None)
         except TaskModuleError:
             set_current(self.config)
             raise
         freeze_for_fork()
+        return saved
 
     def handle_usr1(self) -> None:
         """Reopen log files (after logrotate moved them), here and in every child."""
@@ -442,9 +444,13 @@ class Arbiter:
     def _handle_boot_error(self, worker: WorkerProcess) -> None:
         older = [w for w in self.workers.values() if w.generation < worker.generation]
         if older and self._before_reload is not None:
-            # The new code does not import: go on with the generation that works.
-            self.config, self.generation, self.processes = self._before_reload
+            # The new generation cannot start: go on with the one that works,
+            # and with its code, which the children that replace it fork from.
+            self.config, self.generation, self.processes, saved_code = self._before_reload
             self._before_reload = None
+            self.task_code.restore(saved_code)
+            set_current(self.config)
+            freeze_for_fork()
             log.error("reload failed: worker %d of the new generation could not start (see "
                       "its error above); generation %d keeps serving. Fix what that error "
                       "names, then reload again", worker.pid, self.generation)

@@ -19,7 +19,9 @@ import importlib
 import os
 import site
 import sys
+from collections.abc import Callable
 from types import ModuleType
+from typing import Any, NamedTuple
 
 from greentask.child import import_task_modules
 from greentask.registry import Registry
@@ -36,6 +38,13 @@ def is_reloadable(module: ModuleType) -> bool:
     if not path or not path.endswith(".py"):  # built in, extension, namespace package
         return False
     return not os.path.realpath(path).startswith(LIBRARY_DIRS)
+
+
+class SavedCode(NamedTuple):
+    """The task table and reloadable modules of the master before a reload."""
+
+    tasks: dict[str, Callable[..., Any]]
+    modules: dict[str, ModuleType]
 
 
 class TaskCode:
@@ -64,15 +73,24 @@ class TaskCode:
         importlib.invalidate_caches()
         return dropped
 
-    def reload(self, names: list[str]) -> None:
-        """Import the task code again; on failure put the old code back and raise."""
-        tasks = self.registry.snapshot()
-        dropped = self.forget()
-        try:
-            self.load(names)
-        except Exception:
-            self.forget()  # what the failed import left half-done
-            sys.modules.update(dropped)
-            self.modules = dropped
-            self.registry.restore(tasks)
-            raise
+    def reload(self, names: list[str] | None) -> SavedCode:
+        """Import the task code ``names`` again (None: drop it from the master).
+
+        Returns what it replaced, for :meth:`restore` if the new generation
+        fails to boot. If the new code does not import, puts the old back and raises.
+        """
+        saved = SavedCode(self.registry.snapshot(), self.forget())
+        if names is not None:
+            try:
+                self.load(names)
+            except Exception:
+                self.restore(saved)
+                raise
+        return saved
+
+    def restore(self, saved: SavedCode) -> None:
+        """Put back the code a :meth:`reload` replaced, dropping what it imported."""
+        self.forget()
+        sys.modules.update(saved.modules)
+        self.modules = dict(saved.modules)
+        self.registry.restore(saved.tasks)

@@ -139,3 +139,31 @@ def test_turning_preload_tasks_off_on_reload_hands_the_import_to_the_workers(mak
                f"imports by the new workers, got {imports_logged(record)}")
     with TaskClient([daemon.address]) as client:
         assert client.call("take_lock") == "taken"
+
+
+def test_a_worker_replaced_after_a_failed_reload_runs_the_old_code(make_daemon, tmp_path):
+    """The new generation fails in the workers (preload_tasks turned off, so
+    they import the broken file); the master must also put back the code it
+    had, or the next replacement of an old worker runs, or fails on, the new."""
+    modules = tmp_path / "modules"
+    modules.mkdir()
+    write_helper(modules, 1)
+    tasks = modules / "tasks_with_helper.py"
+    source = ("import helper_of_tasks\nfrom greentask import task\n\n\n"
+              "@task\ndef helper_version():\n    return helper_of_tasks.VERSION\n")
+    tasks.write_text(source)
+    daemon = make_daemon(tasks="tasks_with_helper", env={"PYTHONPATH": str(modules)})
+    old = daemon.children()
+    time.sleep(1.1)  # a new mtime, so the cached bytecode is not reused
+    tasks.write_text(source + "raise RuntimeError('half-written file')\n")
+    daemon.config.write_text(daemon.config.read_text().replace(
+        "[worker]\n", "[worker]\npreload_tasks = false\n", 1))
+    daemon.signal(signal.SIGHUP)
+    wait_until(lambda: "reload failed" in daemon.log(), 15, "the failed reload")
+    os.kill(old[0], signal.SIGKILL)
+    replacement = daemon.wait_for_children(2, 15, exclude={old[0]})
+    with TaskClient([daemon.address]) as client:
+        for _ in range(10):
+            assert client.call("helper_version") == 1
+    assert daemon.proc.poll() is None
+    assert old[1] in replacement

@@ -80,3 +80,21 @@ def test_forget_drops_the_modules_and_their_tasks(project):
     code.forget()
     assert "code_tasks" not in sys.modules and "code_helper" not in sys.modules
     assert "code_version" not in default_registry.names()
+
+
+def test_restore_puts_back_the_code_a_reload_replaced(project):
+    directory, code = project
+    write(directory, TASKS, "VERSION = 1\n")
+    code.load(["code_tasks"])
+    old = dict(code.modules)
+    write(directory, TASKS, "VERSION = 2\n")
+    saved = code.reload(["code_tasks"])
+    assert default_registry.lookup("code_version")() == 2
+    code.restore(saved)
+    assert code.modules == old and sys.modules["code_tasks"] is old["code_tasks"]
+    assert default_registry.lookup("code_version")() == 1
+
+    saved = code.reload(None)  # preload_tasks turned off: the master drops the code
+    assert "code_tasks" not in sys.modules and "code_version" not in default_registry.names()
+    code.restore(saved)
+    assert default_registry.lookup("code_version")() == 1
