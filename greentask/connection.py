@@ -234,7 +234,5 @@ class Connection:
             "closed")))
         self.closing = True
 
-    def _progress_sink(self, request: Request) -> Callable[[Any], None] | None:
-        if not request.progress:
-            return None
+    def _progress_sink(self, request: Request) -> Callable[[Any], None]:
         return lambda value: self.send(encode_progress(request.id, value))
