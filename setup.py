@@ -20,7 +20,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["greentask", "greentask.*"]),
-    package_data={"greentask": ["py.typed", "static/*.html"]},
+    package_data={"greentask": ["py.typed"], "greentask.gateway": ["static/*.html"]},
     install_requires=requirements(),
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "aiosmtpd>=1.4",

@@ -11,7 +11,7 @@ import ujson
 from greentask import tls
 from greentask.client import TaskClient
 from greentask.config import control_socket_path, load, render_markdown
-from greentask.control import ControlError, format_status, send_command
+from greentask.daemon.control import ControlError, format_status, send_command
 from greentask.errors import ConfigError, GreentaskError
 
 #: Exit status of a call whose task failed, or of a master that could not be reached.

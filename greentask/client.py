@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from greentask.config import to_address
+from greentask.address import parse_address
 from greentask.errors import (
     ConnectionFailed,
     GreentaskError,
@@ -479,7 +479,7 @@ class TaskClient:
 
 def _parse_server(server: str) -> tuple[str, int]:
     try:
-        return to_address(server)
+        return parse_address(server)
     except ValueError as exc:
         raise ValueError(f"bad server {server!r}: {exc}") from None
 

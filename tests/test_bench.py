@@ -55,7 +55,7 @@ def test_profile_prints_the_heaviest_frames_of_a_loaded_worker():
     assert '"errors": 0' in result.stdout
     sections = result.stdout.split("\ninclusive")
     assert "self (" in sections[0] and len(sections) == 2
-    assert "greentask/server.py" in sections[1]  # the worker's own frames were sampled
+    assert "greentask/daemon/server.py" in sections[1]  # the worker's own frames were sampled
 
 
 def test_bench_tls_mode_compares_tls_with_plain_text():

@@ -67,7 +67,7 @@ def test_reload_scale_and_stop_commands(daemon):
 
 def test_scale_refuses_nonsense(daemon):
     from greentask.config import control_socket_path, load
-    from greentask.control import ControlError, send_command
+    from greentask.daemon.control import ControlError, send_command
     path = control_socket_path(load(str(daemon.config)))
     with pytest.raises(ControlError, match="at least 1"):
         send_command(path, "scale", processes=0)

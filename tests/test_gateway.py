@@ -236,7 +236,7 @@ def test_malformed_key_is_400(daemon, make_gateway):
 def test_unmask_matches_the_rfc_byte_by_byte_definition():
     import random
 
-    from greentask.websocket import unmask
+    from greentask.gateway.geventwebsocket_fixes import unmask
     rng = random.Random(5)
     for size in (0, 1, 3, 4, 5, 127, 1000):
         payload = bytes(rng.randrange(256) for _ in range(size))

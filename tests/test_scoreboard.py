@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from greentask import scoreboard
-from greentask.scoreboard import DONE, FAILED, MAX_FUNCTIONS, OTHER_FUNCTION, TIMED_OUT
+from greentask.daemon import scoreboard
+from greentask.daemon.scoreboard import DONE, FAILED, MAX_FUNCTIONS, OTHER_FUNCTION, TIMED_OUT
 
 
 def test_counts_by_function_and_outcome_add_up_to_the_slot_totals():

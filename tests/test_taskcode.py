@@ -1,4 +1,4 @@
-"""What the master imports again on a reload (greentask.taskcode), in-process."""
+"""What the master imports again on a reload (greentask.daemon.taskcode), in-process."""
 
 from __future__ import annotations
 
@@ -11,9 +11,8 @@ import trustme
 import ujson
 
 import greentask.examples.basic
-from greentask.child import TaskModuleError
+from greentask.daemon.taskcode import TaskCode, TaskModuleError, is_reloadable
 from greentask.registry import default_registry
-from greentask.taskcode import TaskCode, is_reloadable
 
 
 def test_only_python_source_outside_the_installation_is_reloadable(tmp_path, monkeypatch):

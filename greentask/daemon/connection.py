@@ -10,9 +10,9 @@ each valid request in one of the worker's task slots: a request with an
 is answered before the next line is read. Past
 ``max_inflight_per_connection`` the reader waits (backpressure).
 
-Replies go through the connection's :class:`~greentask.writer.ReplyWriter`;
+Replies go through the connection's :class:`~greentask.daemon.writer.ReplyWriter`;
 a peer that does not read them blocks only its own writer, and past
-:data:`greentask.writer.OUTBOX_HIGH_WATER` its reader stops reading. Sockets
+:data:`greentask.daemon.writer.OUTBOX_HIGH_WATER` its reader stops reading. Sockets
 have no timeouts: the worker's heartbeat calls :meth:`Connection.check_idle`.
 """
 
@@ -28,6 +28,7 @@ import gevent
 import gevent.socket
 from gevent.event import Event
 
+from greentask.daemon.writer import ReplyWriter
 from greentask.errors import BadRequest, RemoteError, ShuttingDown, TaskTimeout, Unauthorized
 from greentask.protocol import (
     LineDecoder,
@@ -38,10 +39,9 @@ from greentask.protocol import (
     parse_hello,
     parse_request,
 )
-from greentask.writer import ReplyWriter
 
 if TYPE_CHECKING:
-    from greentask.server import Worker
+    from greentask.daemon.server import ProcessServer
 
 #: Bytes read per ``recv``; also the most one read adds to a connection's buffer.
 RECV_SIZE = 64 * 1024
@@ -79,7 +79,7 @@ def linger(sock: socket.socket) -> None:
 class Connection:
     """One peer: read request lines, start their tasks, send the replies."""
 
-    def __init__(self, worker: Worker, sock: socket.socket, peer: str) -> None:
+    def __init__(self, worker: ProcessServer, sock: socket.socket, peer: str) -> None:
         self.worker = worker
         self.sock = sock
         self.peer = peer

@@ -1,4 +1,4 @@
-"""Fixes for gevent-websocket 0.10.1, applied when :mod:`greentask.ws` is imported.
+"""Fixes for gevent-websocket 0.10.1, applied when :mod:`greentask.gateway.app` is imported.
 
 gevent-websocket's last release is from 2017. Rather than copy it, greentask
 keeps a subclass of its ``WebSocket`` and wraps two handler methods; each fix

@@ -2,13 +2,13 @@
 
 Theory of operation
 -------------------
-Each accepted connection is a :class:`~greentask.connection.Connection`,
+Each accepted connection is a :class:`~greentask.daemon.connection.Connection`,
 served by a reader greenlet. Its requests run in the process's
 ``concurrency`` task slots; when every slot is busy a reader waits, so the
 peers' requests wait in TCP buffers (backpressure) instead of being dropped.
 Task and connection greenlets are reused: a new greenlet costs an ``mmap``
 of its stack. Task greenlets never block on a socket: they queue their reply
-in the connection's :class:`~greentask.writer.ReplyWriter`, which sends what
+in the connection's :class:`~greentask.daemon.writer.ReplyWriter`, which sends what
 one loop turn queued in one write.
 
 On SIGTERM the process stops accepting, tells pipelining peers it is closing
@@ -16,10 +16,10 @@ On SIGTERM the process stops accepting, tells pipelining peers it is closing
 in-flight tasks finish within ``graceful_timeout``, waits (within the same
 bound) for those peers to close, and exits. SIGINT and SIGQUIT exit at once.
 The process beats a heartbeat and keeps its counters in its scoreboard slot
-(:mod:`greentask.scoreboard`); the master reads them.
+(:mod:`greentask.daemon.scoreboard`); the master reads them.
 
 The master imports this module for its children after monkey-patching (see
-:func:`greentask.child.prepare_master`); only the children run it.
+:func:`greentask.daemon.preload.prepare_master`); only the children run it.
 """
 
 from __future__ import annotations
@@ -41,12 +41,12 @@ from gevent.event import Event
 from gevent.lock import Semaphore
 from gevent.server import StreamServer
 
-from greentask import scoreboard
-from greentask.child import WORKER_SIGNALS
 from greentask.config import Config
-from greentask.connection import Connection, linger
+from greentask.daemon import scoreboard
+from greentask.daemon.connection import Connection, linger
+from greentask.daemon.lifecycle import WORKER_SIGNALS
+from greentask.daemon.logs import reopen_log_files
 from greentask.errors import BadRequest, RemoteError, TaskError, TaskTimeout
-from greentask.logs import reopen_log_files
 from greentask.protocol import Request, encode_closing, encode_error, encode_result
 from greentask.registry import Registry, call_task, progress_sink
 
@@ -92,7 +92,7 @@ def resident_memory() -> int:
         return int(statm.read().split()[1]) * _PAGE_SIZE
 
 
-class Worker:
+class ProcessServer:
     """A worker process's server: the shared listener, the task pool, the drain."""
 
     def __init__(self, listener: socket.socket, config: Config, registry: Registry,

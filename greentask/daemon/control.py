@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 The master has no event loop, only a ``select`` over its wake-up pipe, so the
 control socket is served from that same ``select``
-(:class:`~greentask.selectserver.OneShotServer`). A client sends one JSON line,
+(:class:`~greentask.daemon.selectserver.OneShotServer`). A client sends one JSON line,
 ``{"command": "status"}``, and gets one JSON line back, then the master closes
 the connection. The socket file has mode 0600: only the master's user (and
 root) can control it, and it is never on the network.
@@ -23,8 +23,8 @@ from typing import Any
 
 import ujson
 
+from greentask.daemon.selectserver import OneShotServer
 from greentask.errors import GreentaskError
-from greentask.selectserver import OneShotServer
 
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
 

@@ -3,12 +3,12 @@
 Theory of operation
 -------------------
 The master binds the task port once, maps the shared
-:class:`~greentask.scoreboard.Scoreboard`, then forks ``processes`` children
-that all serve that one listener (:func:`greentask.child.run_worker`).
+:class:`~greentask.daemon.scoreboard.Scoreboard`, then forks ``processes`` children
+that all serve that one listener (:func:`greentask.daemon.child.run_worker`).
 Once its sockets are open, it monkey-patches, imports the modules every child
 needs (gevent's, ``[worker] preload`` and the task modules) and freezes them
 for the garbage collector, so the children share that memory
-(:func:`~greentask.child.prepare_master`, :mod:`greentask.taskcode`). A
+(:func:`~greentask.daemon.child.prepare_master`, :mod:`greentask.daemon.taskcode`). A
 reload imports the task code again in the master before forking the new
 generation. The master itself never has a gevent hub: its sockets, loop,
 signal handlers, fork and wait are the operating system's.
@@ -43,24 +43,23 @@ from dataclasses import dataclass
 
 from gevent.monkey import get_original
 
-from greentask import scoreboard
-from greentask.child import (
+from greentask.config import Config, control_socket_path, set_current
+from greentask.daemon import scoreboard
+from greentask.daemon.child import run_worker
+from greentask.daemon.control import ControlError, ControlServer, remove_pidfile, write_pidfile
+from greentask.daemon.lifecycle import (
     EXIT_BOOT_ERROR,
+    EXIT_CONFIG,
     EXIT_OK,
     WORKER_SIGNALS,
-    TaskModuleError,
-    freeze_for_fork,
-    prepare_master,
-    run_worker,
     set_process_title,
 )
-from greentask.config import Config, control_socket_path, set_current
-from greentask.control import ControlError, ControlServer, remove_pidfile, write_pidfile
+from greentask.daemon.logs import reopen_log_files
+from greentask.daemon.preload import freeze_for_fork, prepare_master
+from greentask.daemon.selectserver import OneShotServer
+from greentask.daemon.taskcode import SavedCode, TaskCode, TaskModuleError
 from greentask.errors import ConfigError, GreentaskError
-from greentask.logs import reopen_log_files
 from greentask.registry import default_registry
-from greentask.selectserver import OneShotServer
-from greentask.taskcode import SavedCode, TaskCode
 
 log = logging.getLogger("greentask.master")
 
@@ -73,9 +72,6 @@ _select = get_original("select", "select")
 _set_signal_handler = get_original("signal", "signal")
 _fork = get_original("os", "fork")
 _waitpid = get_original("os", "waitpid")
-
-#: Exit status: the config, a flag or the address is wrong (argparse uses 2 too).
-EXIT_CONFIG = 2
 
 #: Listen backlog: connections the kernel queues while every worker is busy.
 LISTEN_BACKLOG = 2048
@@ -102,8 +98,14 @@ _SIGNAL_NAMES = {signal.SIGTERM: "term", signal.SIGINT: "int", signal.SIGQUIT: "
                  signal.SIGCHLD: "chld", signal.SIGHUP: "hup", signal.SIGTTIN: "ttin",
                  signal.SIGTTOU: "ttou", signal.SIGUSR1: "usr1"}
 
-__all__ = ["EXIT_BOOT_ERROR", "EXIT_CONFIG", "EXIT_OK", "Arbiter", "BindError",
-           "bind_listener"]
+__all__ = [
+    "EXIT_BOOT_ERROR",
+    "EXIT_CONFIG",
+    "EXIT_OK",
+    "BindError",
+    "Master",
+    "bind_listener",
+]
 
 
 class BindError(GreentaskError):
@@ -153,7 +155,7 @@ class WorkerProcess:
     retire_cause: str = ""
 
 
-class Arbiter:
+class Master:
     """The master: owns the listener, the scoreboard and the children.
 
     ``reload_config`` re-reads the settings for a HUP (the worker passes one
@@ -242,7 +244,7 @@ class Arbiter:
             if self.config.worker.metrics_bind:
                 # Imported only when used: prometheus_client and what it imports
                 # add about 2 MiB to the master, which every worker would map too.
-                from greentask.metrics import MetricsServer
+                from greentask.daemon.metrics import MetricsServer
                 self.metrics = MetricsServer(self.config.worker.metrics_bind,
                                              self.metrics_snapshot)
         except (BindError, ControlError, OSError) as exc:

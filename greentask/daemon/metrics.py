@@ -4,7 +4,7 @@ The numbers come from the same shared-memory scoreboard as ``greentask
 status`` (so the two agree), plus totals the master keeps for workers that
 have exited, so counters never go backwards when a worker is replaced. The
 endpoint is served from the master's ``select`` loop, like the control socket
-(:class:`~greentask.selectserver.OneShotServer`); workers only time their
+(:class:`~greentask.daemon.selectserver.OneShotServer`); workers only time their
 tasks, and only when ``[worker] metrics_bind`` is set.
 """
 
@@ -19,8 +19,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from greentask import scoreboard
-from greentask.selectserver import OneShotServer
+from greentask.daemon import scoreboard
+from greentask.daemon.selectserver import OneShotServer
 
 #: What a scrape sees: (totals per scoreboard field, per-worker rows, master facts).
 Snapshot = Callable[[], tuple[list[float], list[dict[str, Any]], dict[str, Any]]]

@@ -1,4 +1,4 @@
-"""Task code in the master: import it once before the fork, import it again on reload.
+"""Task code: import it (master and workers), and import it again in the master on reload.
 
 With ``[worker] preload_tasks`` (the default) the master imports the task
 modules after gevent's monkey patching, so every worker shares their memory
@@ -23,8 +23,31 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any, NamedTuple
 
-from greentask.child import import_task_modules
+from greentask.errors import GreentaskError
 from greentask.registry import Registry
+
+
+class TaskModuleError(GreentaskError):
+    """A ``[worker] tasks`` module does not import."""
+
+
+def import_task_modules(modules: list[str]) -> None:
+    """Import each task module, so its ``@task`` functions register.
+
+    Raises :class:`TaskModuleError` naming the module and what it raised.
+    """
+    import_listed(modules, "task module", "tasks")
+
+
+def import_listed(modules: list[str], kind: str, setting: str) -> None:
+    """Import ``modules``, listed in ``[worker] setting``; raises :class:`TaskModuleError`."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:
+            raise TaskModuleError(f"cannot import {kind} {name!r} (listed in [worker] "
+                                  f"{setting}): {type(exc).__name__}: {exc}") from exc
+
 
 #: Where the interpreter's own modules and installed packages live (resolved,
 #: with a trailing separator, so a sibling such as ``site-packages-old`` is not inside).
@@ -56,7 +79,7 @@ class TaskCode:
         self.modules: dict[str, ModuleType] = {}
 
     def load(self, names: list[str]) -> None:
-        """Import the task modules ``names``; raises :class:`~greentask.child.TaskModuleError`."""
+        """Import the task modules ``names``; raises :class:`TaskModuleError`."""
         before = set(sys.modules)
         try:
             import_task_modules(names)

@@ -1,0 +1,1 @@
+"""The WebSocket gateway: a WSGI app for gunicorn's GeventWebSocketWorker."""

@@ -1,0 +1,264 @@
+"""The WebSocket gateway: ``gunicorn -k geventwebsocket.gunicorn.workers.GeventWebSocketWorker
+greentask.ws:app``.
+
+Theory of operation
+-------------------
+A thin WSGI app. ``GET /ws`` is a WebSocket (gevent-websocket, with the fixes
+of :mod:`greentask.gateway.geventwebsocket_fixes`); each text message is a JSON request
+``{"function", "args", "id"}`` and runs in its own greenlet through one
+:class:`~greentask.client.TaskClient` per gunicorn worker process (pooled,
+pipelined connections to ``[gateway] task_servers``). The greenlet relays
+progress as ``{"id", "event": "progress", "progress"}`` and ends with exactly
+one ``complete`` or ``error`` event. A message that does not start with ``{`` runs
+``default_function`` with its text and is answered with the plain text
+``task complete``, as the PHP original does. ``GET /`` is a demo page,
+``GET /healthz`` says whether a task server answers and ``GET /metrics``
+serves Prometheus metrics (:mod:`greentask.gateway.metrics`).
+
+The settings are the ``[gateway]`` section of the file named by
+``GREENTASK_CONFIG`` (default ``conf/worker.ini``), read when this module is
+imported, in the gunicorn worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable
+from importlib import resources
+from typing import Any
+from urllib.parse import urlsplit
+
+import gevent
+import gevent.pool
+import ujson
+from gevent.lock import BoundedSemaphore
+
+from greentask import tls
+from greentask.client import TaskClient
+from greentask.config import Config, check_gateway_tls, load
+from greentask.errors import GreentaskError, RemoteError
+from greentask.gateway import geventwebsocket_fixes, metrics
+
+log = logging.getLogger("greentask.gateway")
+
+#: Config file read when ``GREENTASK_CONFIG`` is not set.
+DEFAULT_CONFIG = "conf/worker.ini"
+#: Seconds /healthz waits for a task server's echo.
+HEALTH_TIMEOUT = 2.0
+#: How often a worker's gateway checks whether gunicorn is stopping it (seconds).
+STOP_POLL_INTERVAL = 0.5
+#: What a receive that timed out leaves in place of a message.
+_IDLE = object()
+
+StartResponse = Callable[..., Any]
+
+
+def error_event(request_id: Any, kind: str, message: str) -> dict[str, Any]:
+    """An ``error`` event for the browser."""
+    return {"id": request_id, "event": "error", "error": {"type": kind, "message": message}}
+
+
+class Gateway:
+    """The WSGI application; one per gunicorn worker process."""
+
+    def __init__(self, config: Config) -> None:
+        check_gateway_tls(config)
+        self.settings = config.gateway
+        self.debug = config.worker.debug
+        self._client: TaskClient | None = None
+        #: Open sockets of this worker process, told 1001 when it stops.
+        self.sockets: set[Any] = set()
+        self._watcher: gevent.Greenlet | None = None
+        self.page = resources.files("greentask.gateway").joinpath("static/index.html").read_bytes()
+        geventwebsocket_fixes.install(self.settings.max_message, self.origin_allowed)
+
+    @property
+    def client(self) -> TaskClient:
+        """The task client, made on first use (after gunicorn forked this worker)."""
+        if self._client is None:
+            servers = [f"{host}:{port}" for host, port in self.settings.task_servers]
+            settings = self.settings
+            context = tls.client_context(settings.ca_certs, settings.certfile,
+                                         settings.keyfile) if settings.tls else None
+            self._client = TaskClient(servers, timeout=settings.call_timeout,
+                                      auth_token=settings.auth_token_file, ssl_context=context)
+        return self._client
+
+    def origin_allowed(self, environ: dict[str, Any]) -> bool:
+        """True when the page that opens the socket may use this gateway."""
+        origin = environ.get("HTTP_ORIGIN")
+        if origin is None:
+            return True  # not a browser: browsers always send Origin
+        allowed = self.settings.allowed_origins
+        if "*" in allowed or origin.rstrip("/") in allowed:
+            return True
+        return urlsplit(origin).netloc == environ.get("HTTP_HOST")
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "/")
+        socket = environ.get("wsgi.websocket")
+        if path == "/ws" and socket is not None:
+            self.serve_socket(socket)
+            return []
+        if path == "/ws":
+            return self._reply(start_response, "400 Bad Request", b"/ws is a WebSocket\n")
+        if path == "/":
+            return self._reply(start_response, "200 OK", self.page, "text/html; charset=utf-8")
+        if path == "/metrics":
+            return self._reply(start_response, "200 OK", metrics.render(),
+                               "text/plain; version=0.0.4; charset=utf-8")
+        if path == "/healthz":
+            healthy = self.healthy()
+            return self._reply(start_response, "200 OK" if healthy else "503 Service Unavailable",
+                               b"ok\n" if healthy else b"no task server answers\n")
+        return self._reply(start_response, "404 Not Found", b"not found\n")
+
+    @staticmethod
+    def _reply(start_response: StartResponse, status: str, body: bytes,
+               content_type: str = "text/plain; charset=utf-8") -> list[bytes]:
+        start_response(status, [("Content-Type", content_type),
+                                ("Content-Length", str(len(body)))])
+        return [body]
+
+    def healthy(self) -> bool:
+        """True when a task server answers ``echo``."""
+        try:
+            self.client.apply("echo", ["health"], timeout=HEALTH_TIMEOUT).get(HEALTH_TIMEOUT)
+        except GreentaskError:
+            return False
+        return True
+
+    def serve_socket(self, socket: Any) -> None:
+        """Read messages until the browser leaves; each runs in its own greenlet."""
+        slots = BoundedSemaphore(self.settings.max_inflight_per_socket)
+        running = gevent.pool.Group()
+        self.sockets.add(socket)
+        metrics.SOCKETS_OPENED.inc()
+        metrics.SOCKETS_OPEN.inc()
+        if self._watcher is None:
+            self._watcher = gevent.spawn(self._close_sockets_on_stop, socket.handler.server)
+            gevent.spawn(self._flush_metrics_forever)
+        try:
+            self._read_messages(socket, slots, running)
+        finally:
+            self.sockets.discard(socket)
+            metrics.SOCKETS_OPEN.dec()
+
+    @staticmethod
+    def _flush_metrics_forever() -> None:
+        while True:
+            gevent.sleep(metrics.FLUSH_INTERVAL)
+            metrics.TALLY.flush()
+
+    def _close_sockets_on_stop(self, server: Any) -> None:
+        # gunicorn stops a gevent worker by closing its server, then waits up
+        # to graceful_timeout for handlers to end: tell each browser at once
+        # (1001 going away) so it can reconnect to another worker.
+        while not server.closed:
+            gevent.sleep(STOP_POLL_INTERVAL)
+        for socket in list(self.sockets):
+            socket.close(geventwebsocket_fixes.CLOSE_GOING_AWAY, "server is stopping")
+        metrics.TALLY.flush()
+
+    def _read_messages(self, socket: Any, slots: BoundedSemaphore,
+                       running: gevent.pool.Group) -> None:
+        while True:
+            message: Any = _IDLE
+            with gevent.Timeout(self.settings.idle_timeout, False):
+                message = socket.receive()
+            if message is _IDLE:
+                socket.close(geventwebsocket_fixes.CLOSE_NORMAL, "idle timeout")
+            if message is _IDLE or message is None:
+                break
+            if not slots.acquire(blocking=False):
+                self._send(socket, error_event(
+                    _message_id(message), "Overloaded",
+                    f"more than {self.settings.max_inflight_per_socket} tasks in flight on "
+                    "this socket; wait for some to complete"))
+                continue
+            running.spawn(self._run_message, socket, message, slots)
+        # Results still coming for this socket are dropped (and counted) in _send.
+
+    def _run_message(self, socket: Any, message: str | bytes, slots: BoundedSemaphore) -> None:
+        try:
+            if isinstance(message, bytes):
+                message = message.decode("utf-8", "replace")
+            if not message.lstrip().startswith("{"):
+                self._run_plain(socket, message)
+                return
+            try:
+                request = ujson.loads(message)
+            except ValueError as exc:
+                self._send(socket, error_event(None, "BadRequest", f"not valid JSON ({exc}); "
+                                               'send {"function": ..., "args": ..., "id": ...}'))
+                return
+            self._run_request(socket, request)
+        finally:
+            slots.release()
+
+    def _run_request(self, socket: Any, request: dict[str, Any]) -> None:
+        request_id = request.get("id")
+        function, args = request.get("function"), request.get("args")
+        if not isinstance(function, str) or function not in self.settings.expose:
+            self._send(socket, error_event(
+                request_id, "NotExposed",
+                f"{function!r} cannot be called from a browser; callable: "
+                f"{', '.join(self.settings.expose)}"))
+            return
+        if args is not None and not isinstance(args, (list, dict)):
+            self._send(socket, error_event(request_id, "BadRequest",
+                                           '"args" must be an object or an array'))
+            return
+
+        def relay(value: Any) -> None:
+            self._send(socket, {"id": request_id, "event": "progress", "progress": value})
+        try:
+            result = self.client.apply(function, args, on_progress=relay).get()
+        except GreentaskError as exc:
+            self._send(socket, error_event(request_id, *self._describe(exc)))
+            return
+        self._send(socket, {"id": request_id, "event": "complete", "message": "task complete",
+                            "result": result})
+
+    def _run_plain(self, socket: Any, text: str) -> None:
+        try:
+            self.client.apply(self.settings.default_function, [text]).get()
+        except GreentaskError as exc:
+            self._send(socket, error_event(None, *self._describe(exc)))
+            return
+        metrics.TALLY.messages["complete"] += 1
+        self._send_text(socket, "task complete")
+
+    def _describe(self, exc: GreentaskError) -> tuple[str, str]:
+        if isinstance(exc, RemoteError):
+            if exc.type == "TaskError" and not self.debug:
+                return exc.type, "the task failed (details are in the task server's log)"
+            return exc.type, exc.message
+        return type(exc).__name__, str(exc)
+
+    def _send(self, socket: Any, event: dict[str, Any]) -> None:
+        kind = event["event"]
+        if kind != "progress":
+            metrics.TALLY.messages[kind if kind == "complete" else event["error"]["type"]] += 1
+        self._send_text(socket, ujson.dumps(event, ensure_ascii=False))
+
+    def _send_text(self, socket: Any, text: str) -> None:
+        if socket.closed:
+            metrics.TALLY.dropped += 1
+            return
+        try:
+            socket.send(text)
+        except Exception:  # the browser went away mid-send: drop, count, go on
+            metrics.TALLY.dropped += 1
+
+
+def _message_id(message: str | bytes) -> Any:
+    try:
+        request = ujson.loads(message)
+    except ValueError:
+        return None
+    return request.get("id") if isinstance(request, dict) else None
+
+
+app = Gateway(load(os.environ.get("GREENTASK_CONFIG", DEFAULT_CONFIG)))
