@@ -53,10 +53,6 @@ class Registry:
                 f"no task named {name!r}; this server has {self.names()} "
                 "(add its module to [worker] tasks)") from None
 
-    def clear(self) -> None:
-        """Forget every task."""
-        self._tasks.clear()
-
     def remove_tasks_of(self, modules: Collection[str]) -> None:
         """Forget the tasks whose functions are defined in ``modules``."""
         self._tasks = {name: fn for name, fn in self._tasks.items()

@@ -3,13 +3,11 @@
 Theory of operation
 -------------------
 Each accepted connection is a :class:`~greentask.daemon.connection.Connection`,
-served by a reader greenlet. Its requests run in the process's
-``concurrency`` task slots; when every slot is busy a reader waits, so the
-peers' requests wait in TCP buffers (backpressure) instead of being dropped.
-Task and connection greenlets are reused: a new greenlet costs an ``mmap``
-of its stack. Task greenlets never block on a socket: they queue their reply
-in the connection's :class:`~greentask.daemon.writer.ReplyWriter`, which sends what
-one loop turn queued in one write.
+served by a reader greenlet; its requests run in the process's
+:class:`~greentask.daemon.runner.TaskRunner`, which owns the task permits,
+greenlet reuse, deadlines and outcome counting. This module does what is
+process-wide: admission (the open-socket cap, TLS), the heartbeat, recycling
+and the drain.
 
 On SIGTERM the process stops accepting, tells pipelining peers it is closing
 (``{"closing": true}``), answers new requests with ``ShuttingDown``, lets
@@ -30,50 +28,33 @@ import signal
 import socket
 import ssl
 import time
-import traceback
-from collections.abc import Callable
 from typing import Any
 
 import gevent
 import gevent.socket
-import greenlet
 from gevent.event import Event
-from gevent.lock import Semaphore
 from gevent.server import StreamServer
 
 from greentask.config import Config
 from greentask.daemon import scoreboard
-from greentask.daemon.connection import Connection, linger
+from greentask.daemon.connection import Connection, ConnectionLimits, linger
 from greentask.daemon.lifecycle import WORKER_SIGNALS
 from greentask.daemon.logs import reopen_log_files
-from greentask.errors import BadRequest, RemoteError, TaskError, TaskTimeout
-from greentask.protocol import Request, encode_closing, encode_error, encode_result
-from greentask.registry import Registry, call_task, progress_sink
+from greentask.daemon.runner import TaskRunner
+from greentask.errors import BadRequest
+from greentask.protocol import encode_error
+from greentask.registry import Registry
 
 log = logging.getLogger("greentask.worker")
 
-#: Idle greenlets (they run tasks and connections) always kept for reuse, each
-#: about 20 KiB; above this, each heartbeat frees those the last peak did not need.
-IDLE_RUNNERS_FLOOR = 64
 #: Longest time between two heartbeats; each also checks that the master lives
 #: and reads the RSS (seconds).
 HEARTBEAT_INTERVAL = 1.0
 #: Longest TLS handshake; a peer that takes longer is disconnected (seconds).
 HANDSHAKE_TIMEOUT = 10.0
-#: Task limits at least this long are enforced by a sweep every
-#: DEADLINE_SWEEP_INTERVAL instead of a timer per task, which costs about a
-#: microsecond per task; shorter ones get their own timer (seconds).
-COARSE_TIMEOUT_MIN = 2.0
-#: How often the sweep checks running tasks against their deadline (seconds).
-DEADLINE_SWEEP_INTERVAL = 0.25
 #: How often a draining worker checks whether its peers have closed (seconds).
 DRAIN_POLL_INTERVAL = 0.05
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
-
-
-class _Expired(BaseException):
-    """Thrown into a task past its deadline by the sweep (BaseException, like gevent.Timeout,
-    so a task's ``except Exception`` does not swallow it)."""
 
 
 def close_after_refusal(sock: socket.socket) -> None:
@@ -99,44 +80,27 @@ class ProcessServer:
                  master_pid: int, slot: scoreboard.Slot, max_tasks: int = 0,
                  ssl_context: ssl.SSLContext | None = None) -> None:
         self.config = config
-        self.registry = registry
         self.master_pid = master_pid
         #: This process's row in the master's scoreboard (state, counters, heartbeat).
         self.slot = slot
-        #: Ask to be replaced after this many tasks (0: never).
-        self.max_tasks = max_tasks
-        #: Time each task for the metrics histogram (only when metrics are served).
-        self.measure_durations = config.worker.metrics_bind is not None
-        #: One slot per task that may run at once; a reader that cannot get
-        #: one stops reading (backpressure).
-        self.slots = Semaphore(config.worker.concurrency)
-        self.tasks: set[greenlet.greenlet] = set()
-        #: Finished greenlets kept to run the next task or connection.
-        self._idle_runners: list[greenlet.greenlet] = []
-        self._busy_runners = 0
-        self._peak_busy_runners = 0
-        self._loop = gevent.get_hub().loop
-        self._no_tasks = Event()
-        self._no_tasks.set()
-        #: Running tasks with a coarse limit: greenlet -> (deadline, what to throw).
-        self._deadlines: dict[greenlet.greenlet, tuple[float, _Expired]] = {}
-        self.server = StreamServer(listener, self.handle_connection, spawn=self._spawn_reusing)
         settings = config.worker
+        self.runner = TaskRunner(
+            registry, slot, concurrency=settings.concurrency, task_timeout=settings.task_timeout,
+            max_tasks=max_tasks, measure_durations=settings.metrics_bind is not None,
+            debug=settings.debug, on_recycle=self.request_recycle)
+        self.limits = ConnectionLimits.from_settings(settings)
+        self.server = StreamServer(listener, self.handle_connection, spawn=self.runner.spawn)
         self._max_connections = settings.max_connections
-        self._task_timeout = settings.task_timeout
         self._open_sockets = 0
         self._accept_paused = False
         #: TLS on the task port (``[worker] certfile``), or None.
         self.ssl_context = ssl_context
-        token = config.worker.auth_token_file
-        self.auth_token: bytes | None = token.encode() if token else None
         self._refusals: dict[str, int] = {}
         # Several processes share this listener: take one connection per wake-up
         # so a busy process does not grab a burst that idle siblings could serve.
         self.server.max_accept = 1
         self.connections: set[Connection] = set()
         self.draining = False
-        self.replies_dropped = 0
         self._stopped = Event()
 
     def handle_connection(self, sock: socket.socket, address: Any) -> None:
@@ -173,7 +137,7 @@ class ProcessServer:
         self._serve_connection(sock, peer)
 
     def _serve_connection(self, sock: socket.socket, peer: str) -> None:
-        connection = Connection(self, sock, peer)
+        connection = Connection(sock, peer, self.limits, self.runner, self)
         self.connections.add(connection)
         self.slot.add(scoreboard.CONNECTIONS)
         try:
@@ -213,130 +177,6 @@ class ProcessServer:
             log.warning("worker %d: connection from %s refused: %s (%d time%s)",
                         os.getpid(), peer, reason, failures, "" if failures == 1 else "s")
 
-    def count_dropped(self, replies: int) -> None:
-        """Count replies whose peer was gone."""
-        self.replies_dropped += replies
-
-    def run_in_slot(self, function: Callable[..., None], *args: Any) -> None:
-        """Run ``function`` in this greenlet once a task slot is free."""
-        self.slots.acquire()
-        self._run_slot(function, args)
-
-    def spawn_in_slot(self, function: Callable[..., None], *args: Any) -> None:
-        """Start ``function`` in its own greenlet once a task slot is free."""
-        self.slots.acquire()
-        self._spawn_reusing(self._run_slot, function, args)
-
-    def _spawn_reusing(self, function: Callable[..., Any], *args: Any) -> None:
-        # A new greenlet costs an mmap and munmap of its frame stack on
-        # CPython 3.11+: tasks and connections reuse finished ones.
-        if self._idle_runners:
-            self._loop.run_callback(self._idle_runners.pop().switch, function, args)
-        else:
-            gevent.spawn_raw(self._runner, function, args)
-
-    def _runner(self, function: Callable[..., Any], args: tuple[Any, ...]) -> None:
-        runner = greenlet.getcurrent()
-        hub = gevent.get_hub()
-        while True:
-            self._busy_runners += 1
-            if self._busy_runners > self._peak_busy_runners:
-                self._peak_busy_runners = self._busy_runners
-            try:
-                function(*args)
-            except Exception:
-                log.exception("worker %d: unexpected error", os.getpid())
-            finally:
-                self._busy_runners -= 1
-            function = args = None  # type: ignore[assignment]  # no references while idle
-            self._idle_runners.append(runner)
-            function, args = hub.switch()
-
-    def _run_slot(self, function: Callable[..., None], args: tuple[Any, ...]) -> None:
-        current = greenlet.getcurrent()
-        tasks = self.tasks
-        tasks.add(current)
-        self._no_tasks.clear()
-        slot = self.slot
-        slot.set(scoreboard.INFLIGHT, len(tasks))
-        try:
-            function(*args)
-        finally:
-            tasks.discard(current)
-            slot.set(scoreboard.INFLIGHT, len(tasks))
-            self.slots.release()
-            if not self.tasks:
-                self._no_tasks.set()
-        if self.max_tasks and slot.get(scoreboard.DONE) + slot.get(scoreboard.FAILED) + \
-                slot.get(scoreboard.TIMED_OUT) >= self.max_tasks:
-            self.request_recycle(f"it has run max_tasks_per_child ({self.max_tasks}) tasks")
-
-    def run_task(self, request: Request, function: Callable[..., Any],
-                 sink: Callable[[Any], None] | None) -> bytes:
-        """Run one task; return its final reply line."""
-        seconds = self._task_timeout
-        if request.timeout is not None:
-            seconds = min(seconds, request.timeout)
-        if self.measure_durations:
-            started = time.monotonic()
-            try:
-                return self._run_task_bounded(request, function, sink, seconds)
-            finally:
-                self.slot.observe(time.monotonic() - started)
-        return self._run_task_bounded(request, function, sink, seconds)
-
-    def _run_task_bounded(self, request: Request, function: Callable[..., Any],
-                          sink: Callable[[Any], None] | None, seconds: float) -> bytes:
-        current = greenlet.getcurrent()
-        if seconds < COARSE_TIMEOUT_MIN:
-            limit: BaseException = gevent.Timeout(seconds)
-            limit.start()  # type: ignore[attr-defined]
-        else:
-            limit = _Expired()
-            self._deadlines[current] = (time.monotonic() + seconds, limit)
-        try:
-            if sink is None:
-                result = call_task(function, request.args)
-            else:
-                with progress_sink(sink):
-                    result = call_task(function, request.args)
-        except (gevent.Timeout, _Expired) as exc:
-            if exc is not limit:
-                raise
-            self.slot.count_task(request.function, scoreboard.TIMED_OUT)
-            return encode_error(request.id, TaskTimeout(
-                f"task {request.function!r} ran longer than {seconds:g} s and was stopped; "
-                "raise the request's timeout or [worker] task_timeout, or make the task "
-                "shorter"))
-        except RemoteError as exc:
-            self.slot.count_task(request.function, scoreboard.FAILED)
-            return encode_error(request.id, exc)
-        except (Exception, SystemExit) as exc:
-            self.slot.count_task(request.function, scoreboard.FAILED)
-            return encode_error(request.id, self._task_error(request, exc))
-        finally:
-            if isinstance(limit, gevent.Timeout):
-                limit.close()
-            else:
-                del self._deadlines[current]
-        try:
-            line = encode_result(request.id, result)
-        except (TypeError, OverflowError) as exc:
-            self.slot.count_task(request.function, scoreboard.FAILED)
-            return encode_error(request.id, TaskError(
-                f"task {request.function!r} returned a value that is not JSON ({exc}); "
-                "return dicts, lists, strings, numbers, booleans or None"))
-        self.slot.count_task(request.function, scoreboard.DONE)
-        return line
-
-    def _task_error(self, request: Request, exc: BaseException) -> TaskError:
-        log.warning("task %r raised %s: %s", request.function, type(exc).__name__, exc,
-                    exc_info=log.isEnabledFor(logging.DEBUG))
-        message = f"{type(exc).__name__}: {exc}"
-        if self.config.worker.debug:
-            message += "\n" + "".join(traceback.format_exception(exc))
-        return TaskError(message)
-
     def serve_forever(self) -> None:
         """Serve until a signal stops this process."""
         gevent.signal_handler(signal.SIGTERM, self.stop_gracefully)
@@ -351,11 +191,10 @@ class ProcessServer:
         self.slot.beat()
         self.slot.set_state(scoreboard.READY)
         heart = gevent.spawn(self._beat_forever)
-        sweep = self._loop.timer(DEADLINE_SWEEP_INTERVAL, DEADLINE_SWEEP_INTERVAL)
-        sweep.start(self._expire_tasks)
+        self.runner.sweep.start()
         log.info("%s worker %d serving", self.config.worker.name, os.getpid())
         self._stopped.wait()
-        sweep.stop()
+        self.runner.sweep.stop()
         heart.kill()
 
     def _beat_forever(self) -> None:
@@ -366,7 +205,7 @@ class ProcessServer:
         idle_timeout = self.config.worker.idle_timeout
         while True:
             self.slot.beat()
-            self._trim_idle_runners()
+            self.runner.trim_idle()
             now = time.monotonic()
             for connection in list(self.connections):
                 connection.check_idle(now, idle_timeout)
@@ -379,20 +218,6 @@ class ProcessServer:
                 self.request_recycle(f"its RSS ({rss >> 20} MiB) is over max_memory_per_child "
                                      f"({max_memory >> 20} MiB)")
             gevent.sleep(interval)
-
-    def _expire_tasks(self) -> None:
-        # Runs in the hub, like gevent.Timeout's own timers: every task in
-        # _deadlines is suspended inside its task, so the throw lands there.
-        now = time.monotonic()
-        for task_greenlet, (deadline, expired) in list(self._deadlines.items()):
-            if now >= deadline and self._deadlines.get(task_greenlet, (0, None))[1] is expired:
-                task_greenlet.throw(expired)
-
-    def _trim_idle_runners(self) -> None:
-        keep = max(IDLE_RUNNERS_FLOOR, self._peak_busy_runners)
-        self._peak_busy_runners = self._busy_runners
-        while len(self._idle_runners) > keep:
-            gevent.kill(self._idle_runners.pop(0))
 
     def request_recycle(self, reason: str) -> None:
         """Ask the master for a replacement; this process serves until it is told to drain."""
@@ -412,20 +237,19 @@ class ProcessServer:
         self.server.close()
         grace = self.config.worker.graceful_timeout
         deadline = time.monotonic() + grace
-        log.info("worker %d draining %d task(s), up to %g s", os.getpid(), len(self.tasks),
+        runner = self.runner
+        log.info("worker %d draining %d task(s), up to %g s", os.getpid(), len(runner.running),
                  grace)
         # Pipelining peers are told, and close once their replies are in: a
         # request they send meanwhile is answered (ShuttingDown), never lost.
         for connection in list(self.connections):
             if connection.uses_ids:
-                connection.send(encode_closing())
-        if not self._no_tasks.wait(timeout=grace):
+                connection.ask_to_close()
+        if not runner.wait_idle(grace):
             log.warning("worker %d: %d task(s) still running after %g s; killing them",
-                        os.getpid(), len(self.tasks), grace)
-            for task_greenlet in list(self.tasks):
-                gevent.kill(task_greenlet)
-        for runner in self._idle_runners:
-            gevent.kill(runner)
+                        os.getpid(), len(runner.running), grace)
+            runner.kill_all()
+        runner.kill_idle()
         for connection in list(self.connections):
             if not connection.uses_ids:
                 connection.stop_reading()

@@ -16,7 +16,6 @@ import os
 import socket
 import ssl
 import time
-from collections.abc import Callable
 
 import gevent
 from gevent.event import Event
@@ -29,13 +28,9 @@ OUTBOX_HIGH_WATER = 4 * 1024 * 1024
 
 
 class ReplyWriter:
-    """Queue reply lines for one socket and send them in batches.
+    """Queue reply lines for one socket and send them in batches."""
 
-    ``on_drop(n)`` is called with the number of reply lines lost when the
-    peer is gone.
-    """
-
-    def __init__(self, sock: socket.socket, on_drop: Callable[[int], None]) -> None:
+    def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.broken = False
         #: Unsent bytes; the reader stops reading above OUTBOX_HIGH_WATER.
@@ -46,7 +41,8 @@ class ReplyWriter:
         #: When the peer last took reply bytes (or the queue last became non-empty).
         self.last_progress = time.monotonic()
         self._fd = None if isinstance(sock, ssl.SSLSocket) else sock.fileno()
-        self._on_drop = on_drop
+        #: Reply lines lost because the peer was gone.
+        self.dropped = 0
         self._outbox: list[bytes] = []
         self._flush_scheduled = False
         self._writer: gevent.Greenlet | None = None
@@ -57,7 +53,7 @@ class ReplyWriter:
     def send(self, data: bytes) -> None:
         """Queue ``data``; dropped (and counted) once the peer is gone."""
         if self.broken:
-            self._on_drop(data.count(b"\n"))
+            self.dropped += data.count(b"\n")
             return
         if not self.size:
             self.last_progress = time.monotonic()
@@ -128,7 +124,7 @@ class ReplyWriter:
 
     def _fail(self, data: bytes, exc: OSError) -> None:
         self.broken = True
-        self._on_drop(data.count(b"\n") + sum(d.count(b"\n") for d in self._outbox))
+        self.dropped += data.count(b"\n") + sum(d.count(b"\n") for d in self._outbox)
         self._outbox = []
         self.size = 0
         self.writable.set()

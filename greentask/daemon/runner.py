@@ -1,0 +1,310 @@
+"""The task-execution seam of a worker process: permits, greenlets, deadlines, outcomes.
+
+Theory of operation
+-------------------
+A :class:`TaskRunner` runs every task of its process. A connection hands it
+a parsed request, the task function and a :class:`TaskOwner` (what to send
+the replies to); the runner waits for one of ``[worker] concurrency`` task
+permits (a reader that cannot get one stops reading: backpressure), runs
+the task in a reused greenlet (or in the caller's, for a request without an
+``id``, which is answered before the next line is read anyway), bounds it
+with a deadline, sends its progress and final reply to the owner, counts the
+outcome once, and tells the owner the task is done.
+
+Deadlines are small strategies with one shape, after rq's death penalty:
+a context manager that throws an :class:`Expired` into the task when its
+time is up. Limits under :data:`COARSE_TIMEOUT_MIN` get a timer of their
+own (:class:`TimerDeadline`); longer ones are checked by one sweep every
+:data:`DEADLINE_SWEEP_INTERVAL` (:class:`SweptDeadline`), which saves about a
+microsecond per task.
+
+Every running task is a :class:`RunningTask` in :attr:`TaskRunner.running`,
+findable by its greenlet and by ``(owner, request id)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import gevent
+import greenlet
+from gevent.event import Event
+from gevent.lock import Semaphore
+
+from greentask.daemon import scoreboard
+from greentask.errors import RemoteError, TaskError, TaskTimeout
+from greentask.protocol import Request, encode_error, encode_progress, encode_result
+from greentask.registry import Registry, call_task, progress_sink
+
+log = logging.getLogger("greentask.worker")
+
+#: Task limits at least this long are enforced by the sweep instead of a
+#: timer per task (seconds).
+COARSE_TIMEOUT_MIN = 2.0
+#: How often the sweep checks running tasks against their deadline (seconds).
+DEADLINE_SWEEP_INTERVAL = 0.25
+#: Idle greenlets always kept for reuse, each about 20 KiB; above this,
+#: :meth:`TaskRunner.trim_idle` frees those the last peak did not need.
+IDLE_GREENLETS_FLOOR = 64
+
+
+class TaskOwner(Protocol):
+    """What the runner needs from the connection a request came on."""
+
+    def send(self, data: bytes) -> None:
+        """Queue reply bytes (progress or the final line) for the peer."""
+
+    def task_finished(self) -> None:
+        """Called once per task, after its final reply was queued."""
+
+
+class Expired(BaseException):
+    """Thrown into a task past its deadline (a BaseException, like ``gevent.Timeout``,
+    so a task's ``except Exception`` does not swallow it)."""
+
+
+class TimerDeadline:
+    """A limit with a timer of its own: for short limits, where the sweep is too coarse."""
+
+    __slots__ = ("_timeout", "expired")
+
+    def __init__(self, seconds: float) -> None:
+        self.expired = Expired()
+        self._timeout = gevent.Timeout(seconds, self.expired)
+
+    def __enter__(self) -> None:
+        self._timeout.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._timeout.close()
+
+
+class DeadlineSweep:
+    """Running tasks with a long limit, and the timer that expires them."""
+
+    def __init__(self, interval: float = DEADLINE_SWEEP_INTERVAL) -> None:
+        #: Task greenlet -> (deadline, what to throw into it).
+        self.deadlines: dict[greenlet.greenlet, tuple[float, Expired]] = {}
+        self._timer = gevent.get_hub().loop.timer(interval, interval)
+
+    def start(self) -> None:
+        """Check the deadlines every interval, from the event loop."""
+        self._timer.start(self._expire)
+
+    def stop(self) -> None:
+        """Stop checking."""
+        self._timer.stop()
+
+    def _expire(self) -> None:
+        # Runs in the hub, like gevent.Timeout's own timers: every task listed
+        # is suspended inside its task, so the throw lands there.
+        now = time.monotonic()
+        for task_greenlet, (deadline, expired) in list(self.deadlines.items()):
+            if now >= deadline and self.deadlines.get(task_greenlet, (0, None))[1] is expired:
+                task_greenlet.throw(expired)
+
+
+class SweptDeadline:
+    """A long limit, enforced by the :class:`DeadlineSweep`."""
+
+    __slots__ = ("_greenlet", "_seconds", "_sweep", "expired")
+
+    def __init__(self, sweep: DeadlineSweep, seconds: float) -> None:
+        self.expired = Expired()
+        self._sweep = sweep
+        self._seconds = seconds
+        self._greenlet: greenlet.greenlet | None = None
+
+    def __enter__(self) -> None:
+        self._greenlet = greenlet.getcurrent()
+        self._sweep.deadlines[self._greenlet] = (time.monotonic() + self._seconds, self.expired)
+
+    def __exit__(self, *exc_info: object) -> None:
+        del self._sweep.deadlines[self._greenlet]  # type: ignore[arg-type]
+
+
+class RunningTask:
+    """One task in flight: whose it is, which request, in which greenlet."""
+
+    __slots__ = ("greenlet", "owner", "request")
+
+    def __init__(self, owner: TaskOwner, request: Request, task_greenlet: greenlet.greenlet):
+        self.owner = owner
+        self.request = request
+        self.greenlet = task_greenlet
+
+
+class TaskRunner:
+    """Runs a process's tasks: permits, greenlet reuse, deadlines, outcome counting.
+
+    ``slot`` is the process's scoreboard row (counts, in-flight gauge);
+    ``on_recycle(reason)`` is called when ``max_tasks`` tasks have run.
+    """
+
+    def __init__(self, registry: Registry, slot: scoreboard.Slot, *, concurrency: int,
+                 task_timeout: float, max_tasks: int = 0, measure_durations: bool = False,
+                 debug: bool = False, on_recycle: Callable[[str], None] | None = None) -> None:
+        self.registry = registry
+        self.slot = slot
+        self.max_tasks = max_tasks
+        self.task_timeout = task_timeout
+        self.measure_durations = measure_durations
+        self.debug = debug
+        self.on_recycle = on_recycle
+        #: One permit per task that may run at once.
+        self.permits = Semaphore(concurrency)
+        #: Every task in flight, by the greenlet it runs in.
+        self.running: dict[greenlet.greenlet, RunningTask] = {}
+        self.sweep = DeadlineSweep()
+        self._idle = Event()
+        self._idle.set()
+        self._idle_greenlets: list[greenlet.greenlet] = []
+        self._busy_greenlets = 0
+        self._peak_busy_greenlets = 0
+        self._loop = gevent.get_hub().loop
+
+    # -- greenlets ---------------------------------------------------------
+
+    def spawn(self, function: Callable[..., Any], *args: Any) -> None:
+        """Run ``function(*args)`` in a reused greenlet (also the server's spawn)."""
+        # A new greenlet costs an mmap and munmap of its frame stack on
+        # CPython 3.11+: tasks and connections reuse finished ones.
+        if self._idle_greenlets:
+            self._loop.run_callback(self._idle_greenlets.pop().switch, function, args)
+        else:
+            gevent.spawn_raw(self._serve_calls, function, args)
+
+    def _serve_calls(self, function: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        current = greenlet.getcurrent()
+        hub = gevent.get_hub()
+        while True:
+            self._busy_greenlets += 1
+            if self._busy_greenlets > self._peak_busy_greenlets:
+                self._peak_busy_greenlets = self._busy_greenlets
+            try:
+                function(*args)
+            except Exception:
+                log.exception("worker %d: unexpected error", os.getpid())
+            finally:
+                self._busy_greenlets -= 1
+            function = args = None  # type: ignore[assignment]  # no references while idle
+            self._idle_greenlets.append(current)
+            function, args = hub.switch()
+
+    def trim_idle(self) -> None:
+        """Free the idle greenlets that the last peak did not need (each heartbeat)."""
+        keep = max(IDLE_GREENLETS_FLOOR, self._peak_busy_greenlets)
+        self._peak_busy_greenlets = self._busy_greenlets
+        while len(self._idle_greenlets) > keep:
+            gevent.kill(self._idle_greenlets.pop(0))
+
+    def kill_idle(self) -> None:
+        """Free every idle greenlet (the process is stopping)."""
+        for idle in self._idle_greenlets:
+            gevent.kill(idle)
+
+    # -- tasks -------------------------------------------------------------
+
+    def submit(self, request: Request, function: Callable[..., Any], owner: TaskOwner) -> None:
+        """Run ``request`` once a permit is free; its replies go to ``owner``.
+
+        A request without an ``id`` runs in the calling greenlet (this
+        returns after its reply is queued); one with an ``id`` in its own.
+        """
+        self.permits.acquire()
+        if request.id is None:
+            self._run(request, function, owner)
+        else:
+            self.spawn(self._run, request, function, owner)
+
+    def find(self, owner: TaskOwner, request_id: Any) -> RunningTask | None:
+        """The running task of ``owner`` with ``request_id``, if any."""
+        for running in self.running.values():
+            if running.owner is owner and running.request.id == request_id:
+                return running
+        return None
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no task runs; False if some still run after ``timeout`` seconds."""
+        return self._idle.wait(timeout=timeout)
+
+    def kill_all(self) -> None:
+        """Kill every running task (a drain ran out of time)."""
+        for task_greenlet in list(self.running):
+            gevent.kill(task_greenlet)
+
+    def _run(self, request: Request, function: Callable[..., Any], owner: TaskOwner) -> None:
+        current = greenlet.getcurrent()
+        running = self.running
+        running[current] = RunningTask(owner, request, current)
+        self._idle.clear()
+        slot = self.slot
+        slot.set(scoreboard.INFLIGHT, len(running))
+        try:
+            sink = None
+            if request.progress:
+                def sink(value: Any) -> None:
+                    owner.send(encode_progress(request.id, value))
+            line, outcome = self._execute(request, function, sink)
+            slot.count_task(request.function, outcome)
+            owner.send(line)
+        finally:
+            del running[current]
+            slot.set(scoreboard.INFLIGHT, len(running))
+            self.permits.release()
+            if not running:
+                self._idle.set()
+            owner.task_finished()
+        if self.max_tasks and slot.get(scoreboard.DONE) + slot.get(scoreboard.FAILED) + \
+                slot.get(scoreboard.TIMED_OUT) >= self.max_tasks and self.on_recycle:
+            self.on_recycle(f"it has run max_tasks_per_child ({self.max_tasks}) tasks")
+
+    def _execute(self, request: Request, function: Callable[..., Any],
+                 sink: Callable[[Any], None] | None) -> tuple[bytes, int]:
+        """Run one task within its limit; return its final reply line and its outcome."""
+        seconds = self.task_timeout
+        if request.timeout is not None and request.timeout < seconds:
+            seconds = request.timeout
+        deadline = TimerDeadline(seconds) if seconds < COARSE_TIMEOUT_MIN else \
+            SweptDeadline(self.sweep, seconds)
+        started = time.monotonic() if self.measure_durations else 0.0
+        try:
+            with deadline:
+                if sink is None:
+                    result = call_task(function, request.args)
+                else:
+                    with progress_sink(sink):
+                        result = call_task(function, request.args)
+        except Expired as exc:
+            if exc is not deadline.expired:
+                raise
+            return encode_error(request.id, TaskTimeout(
+                f"task {request.function!r} ran longer than {seconds:g} s and was stopped; "
+                "raise the request's timeout or [worker] task_timeout, or make the task "
+                "shorter")), scoreboard.TIMED_OUT
+        except RemoteError as exc:
+            return encode_error(request.id, exc), scoreboard.FAILED
+        except (Exception, SystemExit) as exc:
+            return encode_error(request.id, self._task_error(request, exc)), scoreboard.FAILED
+        finally:
+            if self.measure_durations:
+                self.slot.observe(time.monotonic() - started)
+        try:
+            return encode_result(request.id, result), scoreboard.DONE
+        except (TypeError, OverflowError) as exc:
+            return encode_error(request.id, TaskError(
+                f"task {request.function!r} returned a value that is not JSON ({exc}); "
+                "return dicts, lists, strings, numbers, booleans or None")), scoreboard.FAILED
+
+    def _task_error(self, request: Request, exc: BaseException) -> TaskError:
+        log.warning("task %r raised %s: %s", request.function, type(exc).__name__, exc,
+                    exc_info=log.isEnabledFor(logging.DEBUG))
+        message = f"{type(exc).__name__}: {exc}"
+        if self.debug:
+            message += "\n" + "".join(traceback.format_exception(exc))
+        return TaskError(message)

@@ -1,0 +1,194 @@
+"""Connections in-process (tier 2): a real ProcessServer on a loopback port, no fork.
+
+The server runs on this process's gevent hub; the peers are gevent sockets, so
+the test, the server and its tasks share one event loop.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import gevent
+import gevent.socket
+import pytest
+import ujson
+from gevent.event import Event
+
+from greentask.config import load
+from greentask.daemon import scoreboard
+from greentask.daemon.connection import IDLE_GRACE, Connection, Phase
+from greentask.daemon.server import ProcessServer
+from greentask.registry import Registry
+from tests.test_runner import green_wait
+
+RELEASE = Event()
+
+
+def tasks() -> Registry:
+    registry = Registry()
+    registry.add(lambda value: value, "echo")
+    registry.add(lambda: RELEASE.wait(), "hold")
+    return registry
+
+
+class Peer:
+    """A client socket that writes and reads whole JSON lines."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = gevent.socket.create_connection(("127.0.0.1", port))
+        self.buffer = b""
+
+    def send(self, *lines: Any) -> None:
+        self.sock.sendall(b"".join((line if isinstance(line, bytes) else
+                                    ujson.dumps(line).encode()) + b"\n" for line in lines))
+
+    def read(self, timeout: float = 5.0) -> dict[str, Any] | None:
+        """The next reply line, or None at end of stream."""
+        with gevent.Timeout(timeout):
+            while b"\n" not in self.buffer:
+                data = self.sock.recv(65536)
+                if not data:
+                    return None
+                self.buffer += data
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return ujson.loads(line)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def make_server() -> Iterator[Any]:
+    made: list[ProcessServer] = []
+
+    def make(**worker: str) -> ProcessServer:
+        overrides = {("worker", key): value for key, value in worker.items()}
+        config = load(environ={}, overrides=overrides)
+        listener = gevent.socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        board = scoreboard.Scoreboard(1)
+        server = ProcessServer(listener, config, tasks(), master_pid=0,
+                               slot=board.slot(board.claim(generation=1)))
+        server.server.start()
+        server.runner.sweep.start()
+        made.append(server)
+        return server
+
+    RELEASE.clear()
+    yield make
+    RELEASE.set()
+    for server in made:
+        server.runner.sweep.stop()
+        server.server.stop(timeout=1)
+
+
+def port_of(server: ProcessServer) -> int:
+    return server.server.socket.getsockname()[1]
+
+
+def only_connection(server: ProcessServer) -> Connection:
+    green_wait(lambda: len(server.connections) == 1, 5, "the connection")
+    return next(iter(server.connections))
+
+
+def test_pipelined_requests_past_the_connection_limit_wait_in_tcp(make_server):
+    server = make_server(max_inflight_per_connection="2")
+    peer = Peer(port_of(server))
+    peer.send(*({"function": "hold", "id": i} for i in range(5)))
+    connection = only_connection(server)
+    green_wait(lambda: connection.inflight == 2, 5, "two tasks in flight")
+    gevent.sleep(0.05)
+    assert connection.inflight == 2 and len(server.runner.running) == 2
+    RELEASE.set()
+    replies = [peer.read() for _ in range(5)]
+    assert sorted(reply["id"] for reply in replies) == [0, 1, 2, 3, 4]
+    assert all(reply["ok"] for reply in replies)
+    green_wait(lambda: connection.inflight == 0, 5, "nothing in flight")
+
+
+def test_bad_lines_are_answered_and_the_connection_keeps_serving(make_server):
+    server = make_server()
+    peer = Peer(port_of(server))
+    peer.send(b"{not json", {"function": "nope", "id": 1}, {"function": "echo", "args": [2]})
+    assert peer.read()["error"]["type"] == "BadRequest"
+    assert peer.read() == {"id": 1, "ok": False, "error": {
+        "type": "UnknownFunction", "message": "no task named 'nope'; this server has "
+        "['echo', 'hold'] (add its module to [worker] tasks)"}}
+    assert peer.read() == {"ok": True, "result": 2}
+
+
+def test_a_token_is_checked_before_any_request(make_server, tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret-token-of-enough-length")
+    token_file.chmod(0o600)
+    server = make_server(auth_token_file=str(token_file))
+    good = Peer(port_of(server))
+    good.send({"auth": "s3cret-token-of-enough-length"}, {"function": "echo", "args": [1]})
+    assert good.read() == {"ok": True, "result": 1}
+    bad = Peer(port_of(server))
+    bad.send({"auth": "wrong"}, {"function": "echo", "args": [1]})
+    assert bad.read()["error"]["type"] == "Unauthorized"
+    assert bad.read() is None  # closed, the request after the bad token unread
+
+
+def test_an_idle_pipelining_peer_is_asked_to_close_then_closed(make_server):
+    server = make_server()
+    peer = Peer(port_of(server))
+    peer.send({"function": "echo", "args": [1], "id": 1})
+    assert peer.read()["ok"]
+    connection = only_connection(server)
+    later = time.monotonic() + 1000
+    connection.check_idle(later, limit=1)
+    assert connection.phase is Phase.ASKED_TO_CLOSE
+    assert peer.read() == {"closing": True}
+    connection.check_idle(later, limit=1)
+    assert connection.phase is Phase.ASKED_TO_CLOSE  # the peer gets IDLE_GRACE to close
+    connection.check_idle(connection.phase_since + IDLE_GRACE + 1, limit=1)
+    assert connection.phase is Phase.CLOSING
+    assert peer.read() is None
+
+
+def test_an_idle_plain_peer_is_told_why_and_closed(make_server):
+    server = make_server()
+    peer = Peer(port_of(server))
+    peer.send({"function": "echo", "args": [1]})
+    assert peer.read()["ok"]
+    connection = only_connection(server)
+    connection.check_idle(time.monotonic() + 1000, limit=1)
+    reply = peer.read()
+    assert reply["error"]["type"] == "Timeout" and "idle_timeout" in reply["error"]["message"]
+    assert peer.read() is None
+
+
+def test_a_drain_tells_pipelining_peers_and_refuses_new_requests(make_server):
+    server = make_server(graceful_timeout="5")
+    peer = Peer(port_of(server))
+    peer.send({"function": "hold", "id": 1})
+    connection = only_connection(server)
+    green_wait(lambda: server.runner.running, 5, "the task")
+    server.stop_gracefully()
+    assert peer.read() == {"closing": True}
+    assert connection.phase is Phase.ASKED_TO_CLOSE
+    peer.send({"function": "echo", "args": [1], "id": 2})
+    refused = peer.read()
+    assert refused["id"] == 2 and refused["error"]["type"] == "ShuttingDown"
+    RELEASE.set()
+    assert peer.read() == {"id": 1, "ok": True, "result": True}
+    peer.close()
+    green_wait(lambda: server._stopped.is_set(), 10, "the drain to finish")
+
+
+def test_a_phase_moves_only_forward(make_server):
+    server = make_server()
+    peer = Peer(port_of(server))
+    peer.send({"function": "echo", "args": [1]})
+    assert peer.read()["ok"]
+    connection = only_connection(server)
+    connection.stop_reading(socket.SHUT_RD)
+    connection._enter(Phase.CLOSING)
+    with pytest.raises(AssertionError, match="closing -> open is not a valid move"):
+        connection._enter(Phase.OPEN)

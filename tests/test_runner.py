@@ -1,0 +1,216 @@
+"""The task runner in-process (tier 2): permits, deadlines, outcomes, greenlet reuse.
+
+Each test builds a real TaskRunner on this process's gevent hub, with a real
+scoreboard slot, and drives it through its TaskOwner seam.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import gevent
+import greenlet
+import pytest
+import ujson
+from gevent.event import Event
+
+from greentask.daemon import scoreboard
+from greentask.daemon.runner import COARSE_TIMEOUT_MIN, TaskRunner
+from greentask.errors import BadArguments
+from greentask.protocol import Request
+from greentask.registry import Registry, progress
+
+
+class Replies:
+    """A TaskOwner that keeps what the runner sends it."""
+
+    def __init__(self) -> None:
+        self.lines: list[dict[str, Any]] = []
+        self.finished = 0
+
+    def send(self, data: bytes) -> None:
+        self.lines.extend(ujson.loads(line) for line in data.splitlines())
+
+    def task_finished(self) -> None:
+        self.finished += 1
+
+    def final(self, request_id: Any) -> dict[str, Any]:
+        return next(line for line in self.lines if line.get("id") == request_id
+                    and "progress" not in line)
+
+
+def green_wait(predicate: Callable[[], object], timeout: float, what: str) -> None:
+    """Poll ``predicate`` while letting the hub run; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        gevent.sleep(0.005)
+
+
+def make_runner(registry: Registry, **options: Any) -> tuple[TaskRunner, scoreboard.Slot]:
+    board = scoreboard.Scoreboard(1)
+    slot = board.slot(board.claim(generation=1))
+    options.setdefault("concurrency", 100)
+    options.setdefault("task_timeout", 30.0)
+    runner = TaskRunner(registry, slot, **options)
+    runner.sweep.start()
+    return runner, slot
+
+
+def request(function: str, args: Any = (), request_id: Any = 1, **fields: Any) -> Request:
+    return Request(function, list(args) if not isinstance(args, dict) else args, request_id,
+                   progress=fields.get("progress", False), timeout=fields.get("timeout"))
+
+
+@pytest.fixture
+def registry() -> Registry:
+    tasks = Registry()
+    tasks.add(lambda value: value, "echo")
+    tasks.add(lambda seconds: gevent.sleep(seconds), "sleep")
+    return tasks
+
+
+def test_permits_bound_running_tasks_and_every_task_finishes_once(registry):
+    release = Event()
+    registry.add(lambda: release.wait(), "hold")
+    runner, slot = make_runner(registry, concurrency=2)
+    owner = Replies()
+    submitters = [gevent.spawn(runner.submit, request("hold", request_id=i),
+                               registry.lookup("hold"), owner) for i in range(5)]
+    green_wait(lambda: len(runner.running) == 2, 5, "two tasks running")
+    gevent.sleep(0.05)
+    assert len(runner.running) == 2  # the other three wait for a permit
+    assert slot.get(scoreboard.INFLIGHT) == 2
+    assert sum(not s.dead for s in submitters) == 3
+    release.set()
+    green_wait(lambda: owner.finished == 5, 5, "all five tasks")
+    assert sorted(line["id"] for line in owner.lines) == [0, 1, 2, 3, 4]
+    assert all(line == {"id": line["id"], "ok": True, "result": True} for line in owner.lines)
+    assert slot.get(scoreboard.DONE) == 5 and slot.get(scoreboard.INFLIGHT) == 0
+    assert runner.wait_idle(0)
+
+
+def test_a_request_without_id_runs_in_the_callers_greenlet(registry):
+    seen = []
+    registry.add(lambda: seen.append(greenlet.getcurrent()), "where")
+    runner, _ = make_runner(registry)
+    owner = Replies()
+    runner.submit(request("where", request_id=None), registry.lookup("where"), owner)
+    assert seen == [greenlet.getcurrent()]
+    assert owner.lines == [{"ok": True, "result": None}] and owner.finished == 1
+
+
+def test_outcomes_are_counted_once_each_with_their_reply(registry):
+    def fails():
+        raise ValueError("no such user")
+
+    def refuses():
+        raise BadArguments("wrong shape")
+
+    registry.add(fails, "fails")
+    registry.add(refuses, "refuses")
+    registry.add(lambda: object(), "not_json")
+    runner, slot = make_runner(registry)
+    owner = Replies()
+    for name in ("echo", "fails", "refuses", "not_json"):
+        args = ["x"] if name == "echo" else []
+        runner.submit(request(name, args, request_id=None), registry.lookup(name), owner)
+    ok, failed, refused, not_json = owner.lines
+    assert ok == {"ok": True, "result": "x"}
+    assert failed["error"] == {"type": "TaskError", "message": "ValueError: no such user"}
+    assert refused["error"]["type"] == "BadArguments"
+    assert not_json["error"]["type"] == "TaskError" and "not JSON" in \
+        not_json["error"]["message"]
+    assert (slot.get(scoreboard.DONE), slot.get(scoreboard.FAILED),
+            slot.get(scoreboard.TIMED_OUT)) == (1, 3, 0)
+    assert slot.functions() == {"echo": [1, 0, 0], "fails": [0, 1, 0], "refuses": [0, 1, 0],
+                                "not_json": [0, 1, 0]}
+
+
+def test_a_short_limit_has_its_own_timer_and_is_not_swallowed_by_the_task(registry):
+    def stubborn():
+        try:
+            gevent.sleep(5)
+        except Exception:  # the deadline is a BaseException: this does not catch it
+            return "caught"
+
+    registry.add(stubborn, "stubborn")
+    runner, slot = make_runner(registry)
+    owner = Replies()
+    started = time.monotonic()
+    runner.submit(request("stubborn", request_id=7, timeout=0.2), registry.lookup("stubborn"),
+                  owner)
+    green_wait(lambda: owner.finished, 5, "the timeout")
+    assert time.monotonic() - started < 2
+    assert owner.final(7)["error"]["type"] == "Timeout"
+    assert "0.2 s" in owner.final(7)["error"]["message"]
+    assert slot.get(scoreboard.TIMED_OUT) == 1 and not runner.sweep.deadlines
+
+
+def test_a_long_limit_is_enforced_by_the_sweep(registry):
+    runner, slot = make_runner(registry, task_timeout=COARSE_TIMEOUT_MIN)
+    owner = Replies()
+    runner.submit(request("sleep", [30], request_id=1), registry.lookup("sleep"), owner)
+    green_wait(lambda: runner.sweep.deadlines, 5, "the task on the sweep's list")
+    green_wait(lambda: owner.finished, COARSE_TIMEOUT_MIN + 5, "the sweep's timeout")
+    assert owner.final(1)["error"]["type"] == "Timeout"
+    assert slot.get(scoreboard.TIMED_OUT) == 1 and not runner.sweep.deadlines
+
+
+def test_running_tasks_are_findable_by_owner_and_id(registry):
+    release = Event()
+    registry.add(lambda: release.wait(), "hold")
+    runner, _ = make_runner(registry)
+    first, second = Replies(), Replies()
+    runner.submit(request("hold", request_id="a"), registry.lookup("hold"), first)
+    runner.submit(request("hold", request_id="a"), registry.lookup("hold"), second)
+    green_wait(lambda: len(runner.running) == 2, 5, "both running")
+    found = runner.find(second, "a")
+    assert found is not None and found.owner is second and found.request.id == "a"
+    assert runner.find(first, "b") is None
+    release.set()
+    green_wait(lambda: first.finished and second.finished, 5, "both done")
+    assert runner.find(second, "a") is None
+
+
+def test_progress_goes_to_the_owner_before_the_result(registry):
+    def counts():
+        for i in range(3):
+            progress(i)
+        return "done"
+
+    registry.add(counts, "counts")
+    runner, _ = make_runner(registry)
+    owner = Replies()
+    runner.submit(request("counts", request_id=3, progress=True), registry.lookup("counts"),
+                  owner)
+    green_wait(lambda: owner.finished, 5, "the task")
+    assert owner.lines == [{"id": 3, "progress": 0}, {"id": 3, "progress": 1},
+                           {"id": 3, "progress": 2}, {"id": 3, "ok": True, "result": "done"}]
+
+
+def test_greenlets_are_reused_and_the_recycle_threshold_is_reported(registry):
+    seen = set()
+    registry.add(lambda: seen.add(id(greenlet.getcurrent())), "where")
+    reasons = []
+    runner, _ = make_runner(registry, max_tasks=3, on_recycle=reasons.append)
+    owner = Replies()
+    for i in range(3):
+        runner.submit(request("where", request_id=i), registry.lookup("where"), owner)
+        green_wait(lambda i=i: owner.finished == i + 1, 5, f"task {i}")
+    assert len(seen) == 1  # one greenlet ran all three
+    assert reasons == ["it has run max_tasks_per_child (3) tasks"]
+
+
+def test_a_drain_that_runs_out_of_time_kills_what_still_runs(registry):
+    runner, _ = make_runner(registry)
+    owner = Replies()
+    runner.submit(request("sleep", [30], request_id=1), registry.lookup("sleep"), owner)
+    green_wait(lambda: runner.running, 5, "the task to start")
+    assert not runner.wait_idle(0.05)
+    runner.kill_all()
+    green_wait(lambda: owner.finished, 5, "the killed task to finish")
+    assert runner.wait_idle(0) and not runner.running
