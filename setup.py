@@ -26,7 +26,7 @@ setup(
         "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "aiosmtpd>=1.4",
                  "trustme>=1.1", "ruff>=0.6", "websocket-client>=1.7", "selenium>=4.20",
                  "dockerfile-parse>=2.0", "pyyaml>=6",
-                 "py-spy>=0.3"],
+                 "py-spy>=0.3", "import-linter>=2.1"],
     },
     entry_points={"console_scripts": ["greentask = greentask.cli:main"]},
     classifiers=[
