@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from greentask.daemon import scoreboard
 from greentask.daemon.scoreboard import DONE, FAILED, MAX_FUNCTIONS, OTHER_FUNCTION, TIMED_OUT
 
@@ -38,3 +40,21 @@ def test_totals_survive_in_the_master_when_a_worker_is_gone():
     totals: dict[str, list[float]] = {"echo": [1.0, 0.0, 0.0]}
     scoreboard.add_function_counts(totals, {"echo": [2.0, 1.0, 0.0], "fail": [0.0, 3.0, 0.0]})
     assert totals == {"echo": [3.0, 1.0, 0.0], "fail": [0.0, 3.0, 0.0]}
+
+
+def test_every_state_change_is_checked_against_the_table():
+    from greentask.daemon.lifecycle import StateError, WorkerState
+
+    board = scoreboard.Scoreboard(1)
+    child = board.slot(board.claim(generation=1))
+    assert child.state is WorkerState.BOOTING
+    child.set_state(WorkerState.READY)
+    child.set_state(WorkerState.RECYCLE)
+    with pytest.raises(StateError, match="cannot move from recycle to ready"):
+        child.set_state(WorkerState.READY)
+    assert child.state is WorkerState.RECYCLE  # a refused move writes nothing
+    child.set_state(WorkerState.DRAINING)
+    assert child.as_dict()["state"] == "draining"
+    board.release(0)
+    with pytest.raises(StateError, match="cannot move from free to ready"):
+        board.slot(0).set_state(WorkerState.READY)

@@ -15,6 +15,7 @@ import socket
 
 from greentask.config import Config, set_current
 from greentask.daemon.lifecycle import EXIT_BOOT_ERROR, EXIT_OK, set_process_title
+from greentask.daemon.scoreboard import Slot
 from greentask.daemon.taskcode import TaskModuleError, import_task_modules
 
 log = logging.getLogger("greentask.worker")
@@ -34,7 +35,7 @@ def drop_privileges(uid: int | None, gid: int | None) -> None:
 
 
 def run_worker(listener: socket.socket, config: Config, master_pid: int, number: int,
-               slot_index: int, scoreboard: object) -> int:
+               slot: Slot) -> int:
     """Import the tasks (unless the master did), serve until stopped; return the exit status."""
     import gevent
     import gevent.socket
@@ -73,7 +74,6 @@ def run_worker(listener: socket.socket, config: Config, master_pid: int, number:
     max_tasks = config.worker.max_tasks_per_child
     if max_tasks:
         max_tasks += random.randint(0, config.worker.max_tasks_jitter)
-    slot = scoreboard.slot(slot_index)  # type: ignore[attr-defined]
     ProcessServer(gevent_listener, config, default_registry, master_pid, slot, max_tasks,
            ssl_context).serve_forever()
     return EXIT_OK

@@ -1,10 +1,13 @@
-"""What the master and its workers agree on: signals, exit statuses, process titles.
+"""What the master and its workers agree on: signals, exit statuses, worker states.
 
-A leaf: standard library only, so both sides import it without importing each other.
+A leaf: standard library only, so both sides import it without importing each
+other. A worker's state lives in its scoreboard slot; every change goes
+through :func:`check_move`, as supervisor's process states do.
 """
 
 from __future__ import annotations
 
+import enum
 import signal
 
 #: Signals a worker handles (stop gracefully, stop now, reopen logs). The
@@ -19,6 +22,41 @@ EXIT_CONFIG = 2
 #: Exit status: workers cannot start (a task module does not import).
 EXIT_BOOT_ERROR = 3
 
+
+class WorkerState(enum.IntEnum):
+    """A worker's state, as its scoreboard slot stores it (a number, shared memory)."""
+
+    #: The slot is free: no child has it.
+    FREE = 0
+    #: Forked, importing task modules; not serving yet.
+    BOOTING = 1
+    #: Serving the listener.
+    READY = 2
+    #: Wants to be replaced (served enough tasks, or grew too big); still serving.
+    RECYCLE = 3
+    #: Told to stop: not accepting, finishing in-flight tasks.
+    DRAINING = 4
+
+
+#: The states each state may move to. Any slot goes back to FREE when the
+#: master reaps its child, whatever the child was doing.
+STATE_MOVES: dict[WorkerState, frozenset[WorkerState]] = {
+    WorkerState.FREE: frozenset({WorkerState.BOOTING}),
+    WorkerState.BOOTING: frozenset({WorkerState.READY, WorkerState.DRAINING, WorkerState.FREE}),
+    WorkerState.READY: frozenset({WorkerState.RECYCLE, WorkerState.DRAINING, WorkerState.FREE}),
+    WorkerState.RECYCLE: frozenset({WorkerState.DRAINING, WorkerState.FREE}),
+    WorkerState.DRAINING: frozenset({WorkerState.FREE}),
+}
+
+
+class StateError(AssertionError):
+    """A state change that the table does not allow: a bug in greentask, not in a peer."""
+
+
+def check_move(old: WorkerState, new: WorkerState) -> None:
+    """Raise :class:`StateError` unless a worker may move from ``old`` to ``new``."""
+    if new not in STATE_MOVES[old]:
+        raise StateError(f"a worker cannot move from {old.name.lower()} to {new.name.lower()}")
 
 
 def set_process_title(title: str) -> None:

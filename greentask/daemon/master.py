@@ -30,8 +30,6 @@ child. A second TERM during a graceful stop turns it fast.
 
 from __future__ import annotations
 
-import collections
-import errno
 import gc
 import logging
 import os
@@ -45,7 +43,9 @@ from gevent.monkey import get_original
 
 from greentask.config import Config, control_socket_path, set_current
 from greentask.daemon import scoreboard
+from greentask.daemon.census import Census
 from greentask.daemon.child import run_worker
+from greentask.daemon.children import ChildPhase, WorkerProcess
 from greentask.daemon.control import ControlError, ControlServer, remove_pidfile, write_pidfile
 from greentask.daemon.lifecycle import (
     EXIT_BOOT_ERROR,
@@ -54,27 +54,25 @@ from greentask.daemon.lifecycle import (
     WORKER_SIGNALS,
     set_process_title,
 )
+from greentask.daemon.listener import BindError, bind_listener
 from greentask.daemon.logs import reopen_log_files
 from greentask.daemon.preload import freeze_for_fork, prepare_master
 from greentask.daemon.selectserver import OneShotServer
 from greentask.daemon.taskcode import SavedCode, TaskCode, TaskModuleError
-from greentask.errors import ConfigError, GreentaskError
+from greentask.daemon.wakeup import SignalQueue
+from greentask.errors import ConfigError
 from greentask.registry import default_registry
 
 log = logging.getLogger("greentask.master")
 
 # The master is monkey-patched (what it imports for the workers must see
-# gevent) but has no gevent hub: gevent's select would start one, its SIGCHLD
-# handler is only called from one, and its fork would start libev child
-# watchers that reap the children before the master does. So the master keeps
-# the real calls. Its sockets are bound before patching, for the same reason.
-_select = get_original("select", "select")
-_set_signal_handler = get_original("signal", "signal")
+# gevent) but has no gevent hub: gevent's fork would start libev child
+# watchers that reap the children before the master does, and its waitpid
+# would wait in a hub. So the master keeps the real calls (wakeup.py does the
+# same for select and signals). Its sockets are bound before patching.
 _fork = get_original("os", "fork")
 _waitpid = get_original("os", "waitpid")
 
-#: Listen backlog: connections the kernel queues while every worker is busy.
-LISTEN_BACKLOG = 2048
 #: Longest pause of the main loop when nothing wakes it (seconds).
 LOOP_INTERVAL = 0.5
 #: How long after its deadline a child may take to exit before SIGKILL (seconds).
@@ -89,14 +87,8 @@ YOUNG_DEATH = 1.0
 MAX_YOUNG_DEATHS = 10
 #: Longest wait before restarting a child that keeps dying young (seconds).
 MAX_RESPAWN_DELAY = 5.0
-#: Seconds over which ``status`` measures each child's tasks per second.
-RATE_WINDOW = 5.0
 #: Worker slots in the scoreboard: the most children alive at once, old and new.
 SCOREBOARD_SLOTS = 1024
-
-_SIGNAL_NAMES = {signal.SIGTERM: "term", signal.SIGINT: "int", signal.SIGQUIT: "quit",
-                 signal.SIGCHLD: "chld", signal.SIGHUP: "hup", signal.SIGTTIN: "ttin",
-                 signal.SIGTTOU: "ttou", signal.SIGUSR1: "usr1"}
 
 __all__ = [
     "EXIT_BOOT_ERROR",
@@ -108,51 +100,14 @@ __all__ = [
 ]
 
 
-class BindError(GreentaskError):
-    """The task port cannot be opened."""
+@dataclass(frozen=True)
+class ReloadInFlight:
+    """What a reload replaced, to go back to if the new generation cannot start."""
 
-
-def bind_listener(address: tuple[str, int], backlog: int = LISTEN_BACKLOG) -> socket.socket:
-    """Open the listening socket that every worker will share."""
-    host, port = address
-    try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                    flags=socket.AI_PASSIVE)[0][0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
-    except OSError as exc:
-        raise BindError(f"cannot listen on {host}:{port}: {exc}") from None
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        # Accepted sockets inherit it on Linux: no setsockopt per connection.
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.bind((host, port))
-        sock.listen(backlog)
-    except OSError as exc:
-        sock.close()
-        hint = ("another program (another greentask?) uses that port: stop it, or choose "
-                "another port with --bind or [worker] bind") if exc.errno == errno.EADDRINUSE \
-            else "check [worker] bind"
-        raise BindError(f"cannot listen on {host}:{port}: {exc.strerror}; {hint}") from None
-    return sock
-
-
-@dataclass
-class WorkerProcess:
-    """What the master knows about one child."""
-
-    pid: int
-    slot: int
+    config: Config
     generation: int
-    number: int
-    started_at: float
-    #: When SIGTERM was sent to retire it (it drains, then exits).
-    retired_at: float | None = None
-    #: When the watchdog sent SIGABRT.
-    aborted_at: float | None = None
-    #: (time, tasks done) a few seconds ago, for the tasks/s of ``status``.
-    rate_sample: tuple[float, float] = (0.0, 0.0)
-    #: Why it was retired (reload, recycle, scale), for the restart metrics.
-    retire_cause: str = ""
+    processes: int
+    task_code: SavedCode
 
 
 class Master:
@@ -172,9 +127,9 @@ class Master:
         self.workers: dict[int, WorkerProcess] = {}
         self.exit_code = EXIT_OK
         self._reload_config = reload_config
-        self._before_reload: tuple[Config, int, int, SavedCode] | None = None
-        self._signals: list[int] = []
-        self._wakeup_r = self._wakeup_w = -1
+        #: Set from a HUP until the old generation is retired.
+        self.reload: ReloadInFlight | None = None
+        self.signals = SignalQueue()
         self._stop_deadline: float | None = None
         self._young_deaths = 0
         self._respawn_at = 0.0
@@ -185,12 +140,8 @@ class Master:
         self.task_code = TaskCode(default_registry)
         #: The pidfile written at start (a reload does not move it).
         self._pidfile = config.worker.pidfile
-        #: Counters of workers that have exited, so totals never go backwards.
-        self.totals = [0.0] * len(scoreboard.FIELDS)
-        #: Task counts by function of the workers that exited: [ok, failed, timeout].
-        self.function_totals: dict[str, list[float]] = {}
-        #: Workers replaced, by cause.
-        self.restarts: collections.Counter[str] = collections.Counter()
+        #: The children's counters, and those of the children that exited.
+        self.census = Census(self.board)
 
     @property
     def stopping(self) -> bool:
@@ -219,13 +170,14 @@ class Master:
         log.info("%s master %d listening at %s:%d with %d worker processes; control socket "
                  "%s", self.config.worker.name, os.getpid(), host, port, self.processes,
                  self.control.path)
-        self._install_signals()
+        self.signals.install()
         try:
             while self.workers or not self.stopping:
                 if not self.stopping:
                     self.manage_workers()
                 self._sleep()
-                self._dispatch_signals()
+                for name in self.signals.take():
+                    getattr(self, f"handle_{name}")()
                 self.reap_workers()
                 self.watch_heartbeats()
                 self.murder_workers()
@@ -262,42 +214,10 @@ class Master:
 
     # -- signals -----------------------------------------------------------
 
-    def _install_signals(self) -> None:
-        self._wakeup_r, self._wakeup_w = os.pipe()
-        for fd in (self._wakeup_r, self._wakeup_w):
-            os.set_blocking(fd, False)
-        signal.set_wakeup_fd(self._wakeup_w)
-        for signum in _SIGNAL_NAMES:
-            _set_signal_handler(signum, self._queue_signal)
-
-    def _queue_signal(self, signum: int, frame: object) -> None:
-        # Only record it: the main loop does the work, outside the handler.
-        self._signals.append(signum)
-
     def _sleep(self) -> None:
-        if self._signals:
-            return
         assert self.control is not None
         servers = [self.control] if self.metrics is None else [self.control, self.metrics]
-        timeout = min(server.timeout(LOOP_INTERVAL) for server in servers)
-        try:
-            readable, _, _ = _select(
-                [self._wakeup_r, *(fd for server in servers for fd in server.fds())], [], [],
-                timeout)
-        except InterruptedError:
-            return
-        for server in servers:
-            server.serve(readable)
-        try:
-            while os.read(self._wakeup_r, 4096):
-                pass
-        except BlockingIOError:
-            pass
-
-    def _dispatch_signals(self) -> None:
-        while self._signals:
-            signum = self._signals.pop(0)
-            getattr(self, f"handle_{_SIGNAL_NAMES[signum]}")()
+        self.signals.sleep(servers, LOOP_INTERVAL)
 
     def handle_term(self) -> None:
         """Graceful stop; a second TERM makes it fast."""
@@ -342,7 +262,7 @@ class Master:
             log.warning("SIGHUP: [worker] bind changed; the listener stays at %s:%d until a "
                         "restart", *self.config.worker.bind)
             config.worker.bind = self.config.worker.bind
-        self._before_reload = (self.config, self.generation, self.processes, saved_code)
+        self.reload = ReloadInFlight(self.config, self.generation, self.processes, saved_code)
         self.config = config
         self.processes = config.worker.processes
         self.generation += 1
@@ -407,20 +327,16 @@ class Master:
             worker = self.workers.pop(pid, None)
             if worker is None:
                 continue
-            slot = self.board.slot(worker.slot)
-            for field in scoreboard.TOTALS:
-                self.totals[field] += slot.get(field)
-            scoreboard.add_function_counts(self.function_totals, slot.functions())
-            self.board.release(worker.slot)
+            self.census.bury(worker)
             self._note_death(worker, os.waitstatus_to_exitcode(status))
 
     def _note_death(self, worker: WorkerProcess, code: int) -> None:
         how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
         if not self.stopping:
-            self.restarts[worker.retire_cause or ("watchdog" if worker.aborted_at else
-                                                  "boot" if code == EXIT_BOOT_ERROR else
-                                                  "crash")] += 1
-        if self.stopping or worker.retired_at is not None:
+            self.census.restarts[worker.retire_cause or (
+                "watchdog" if worker.phase is ChildPhase.ABORTED else
+                "boot" if code == EXIT_BOOT_ERROR else "crash")] += 1
+        if self.stopping or worker.retired:
             log.info("worker %d %s", worker.pid, how)
             return
         if code == EXIT_BOOT_ERROR:
@@ -445,12 +361,13 @@ class Master:
 
     def _handle_boot_error(self, worker: WorkerProcess) -> None:
         older = [w for w in self.workers.values() if w.generation < worker.generation]
-        if older and self._before_reload is not None:
+        if older and self.reload is not None:
             # The new generation cannot start: go on with the one that works,
             # and with its code, which the children that replace it fork from.
-            self.config, self.generation, self.processes, saved_code = self._before_reload
-            self._before_reload = None
-            self.task_code.restore(saved_code)
+            reload, self.reload = self.reload, None
+            self.config, self.generation, self.processes = \
+                reload.config, reload.generation, reload.processes
+            self.task_code.restore(reload.task_code)
             set_current(self.config)
             freeze_for_fork()
             log.error("reload failed: worker %d of the new generation could not start (see "
@@ -468,21 +385,21 @@ class Master:
     def _is_outgoing(self, worker: WorkerProcess) -> bool:
         """True for a child of an older generation, or one that asked to be recycled."""
         return worker.generation != self.generation or \
-            self.board.slot(worker.slot).state == scoreboard.RECYCLE
+            self.board.slot(worker.slot_index).state == scoreboard.RECYCLE
 
     def manage_workers(self) -> None:
         """Start, scale and retire children so ``processes`` of the newest serve."""
-        active = [w for w in self.workers.values() if w.retired_at is None]
+        active = [w for w in self.workers.values() if not w.retired]
         current = [w for w in active if not self._is_outgoing(w)]
         # Scale down: retire the children that are least ready, newest first.
-        current.sort(key=lambda w: (self.board.slot(w.slot).state == scoreboard.READY,
+        current.sort(key=lambda w: (self.board.slot(w.slot_index).state == scoreboard.READY,
                                     -w.started_at), reverse=True)
         for extra in current[self.processes:]:
             self.retire(extra, "scale")
         if time.monotonic() >= self._respawn_at:
             for _ in range(self.processes - len(current)):
                 self.spawn_worker()
-        ready = sum(self.board.slot(w.slot).state == scoreboard.READY
+        ready = sum(self.board.slot(w.slot_index).state == scoreboard.READY
                     for w in current[:self.processes])
         outgoing = sorted((w for w in active if self._is_outgoing(w)),
                           key=lambda w: w.started_at)
@@ -492,12 +409,11 @@ class Master:
             oldest = outgoing.pop(0)
             self.retire(oldest, "reload" if oldest.generation != self.generation else "recycle")
         if not outgoing:
-            self._before_reload = None
+            self.reload = None
 
     def retire(self, worker: WorkerProcess, cause: str) -> None:
         """Tell a child to drain and exit; ``cause`` is counted in the metrics."""
-        worker.retired_at = time.monotonic()
-        worker.retire_cause = cause
+        worker.retire(cause)
         log.info("retiring worker %d (generation %d)", worker.pid, worker.generation)
         self._kill(worker.pid, signal.SIGTERM)
 
@@ -506,16 +422,16 @@ class Master:
         now = time.monotonic()
         limit = self.config.worker.heartbeat_timeout
         for worker in list(self.workers.values()):
-            if worker.aborted_at is not None:
-                if now - worker.aborted_at > ABORT_GRACE:
+            if worker.phase is ChildPhase.ABORTED:
+                if now - worker.phase_since > ABORT_GRACE:
                     self._kill(worker.pid, signal.SIGKILL)
                 continue
-            silent = now - self.board.slot(worker.slot).get(scoreboard.HEARTBEAT)
+            silent = now - self.board.slot(worker.slot_index).get(scoreboard.HEARTBEAT)
             if silent > limit:
                 log.error("worker %d: its event loop has been blocked for %.1f s (more than "
                           "heartbeat_timeout = %g s), so a task is computing without yielding;"
                           " killing it (its traceback follows)", worker.pid, silent, limit)
-                worker.aborted_at = now
+                worker.enter(ChildPhase.ABORTED, now)
                 self._kill(worker.pid, signal.SIGABRT)
 
     def murder_workers(self) -> None:
@@ -524,7 +440,7 @@ class Master:
         grace = self.config.worker.graceful_timeout + KILL_MARGIN
         for worker in list(self.workers.values()):
             overdue = (self._stop_deadline is not None and now > self._stop_deadline) or \
-                (worker.retired_at is not None and now - worker.retired_at > grace)
+                (worker.phase is ChildPhase.RETIRING and now - worker.phase_since > grace)
             if overdue:
                 log.warning("worker %d did not exit in time; killing it", worker.pid)
                 self._kill(worker.pid, signal.SIGKILL)
@@ -534,7 +450,7 @@ class Master:
     def spawn_worker(self) -> None:
         """Fork one child; in the child, serve and never return."""
         master_pid = os.getpid()
-        slot = self.board.claim(self.generation)
+        slot_index = self.board.claim(self.generation)
         self._numbers += 1
         # What the master allocated is now never scanned by a child's garbage
         # collector, which would otherwise copy every page it touches.
@@ -543,16 +459,17 @@ class Master:
         pid = _fork()
         if pid:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-            self.board.slot(slot).set(scoreboard.PID, pid)
-            self.workers[pid] = WorkerProcess(pid, slot, self.generation, self._numbers,
-                                              time.monotonic())
+            self.board.slot(slot_index).set(scoreboard.PID, pid)
+            now = time.monotonic()
+            self.workers[pid] = WorkerProcess(pid, slot_index, self.generation, self._numbers,
+                                              started_at=now, phase_since=now)
             log.debug("started worker %d", pid)
             return
         code = EXIT_BOOT_ERROR
         try:
             self._reset_in_child()
-            code = run_worker(self.listener, self.config, master_pid, self._numbers, slot,
-                              self.board)
+            code = run_worker(self.listener, self.config, master_pid, self._numbers,
+                              self.board.slot(slot_index))
         except BaseException:
             log.exception("worker %d failed", os.getpid())
         finally:
@@ -560,11 +477,7 @@ class Master:
             os._exit(code)
 
     def _reset_in_child(self) -> None:
-        signal.set_wakeup_fd(-1)
-        for signum in _SIGNAL_NAMES:
-            _set_signal_handler(signum, signal.SIG_DFL)
-        os.close(self._wakeup_r)
-        os.close(self._wakeup_w)
+        self.signals.reset_in_child()
         if self.control is not None:
             for fd in self.control.fds():
                 os.close(fd)
@@ -577,7 +490,7 @@ class Master:
         if name == "status":
             return self.status()
         if name in ("reload", "stop"):
-            self._signals.append(signal.SIGHUP if name == "reload" else signal.SIGTERM)
+            self.signals.push(signal.SIGHUP if name == "reload" else signal.SIGTERM)
             return {"message": f"{name} started"}
         if name == "scale":
             processes = command.get("processes")
@@ -591,39 +504,15 @@ class Master:
 
     def status(self) -> dict[str, object]:
         """The master's and every child's state and counters."""
-        now = time.monotonic()
         host, port = self.config.worker.bind
-        workers = []
-        for worker in sorted(self.workers.values(), key=lambda w: w.number):
-            row = self.board.slot(worker.slot).as_dict()
-            then, done_then = worker.rate_sample
-            rate = (row["done"] - done_then) / (now - then) if then else 0.0
-            if now - then > RATE_WINDOW:
-                worker.rate_sample = (now, row["done"])
-            workers.append({
-                "pid": worker.pid, "number": worker.number, "generation": worker.generation,
-                "state": row["state"], "retiring": worker.retired_at is not None,
-                "uptime": now - worker.started_at, "heartbeat_age": now - row["heartbeat"],
-                "tasks_per_second": rate,
-                **{field: int(row[field]) for field in ("rss", "connections", "inflight",
-                                                        "done", "failed", "timed_out")}})
         return {"master": {"pid": os.getpid(), "name": self.config.worker.name,
                            "bind": f"{host}:{port}", "generation": self.generation,
-                           "processes": self.processes, "uptime": now - self._started_at},
-                "workers": workers}
+                           "processes": self.processes,
+                           "uptime": time.monotonic() - self._started_at},
+                "workers": self.census.worker_rows(self.workers.values())}
 
     def metrics_snapshot(self) -> tuple[list[float], list[dict[str, object]], dict[str, object]]:
         """Totals (exited workers plus live ones), per-worker rows, master facts."""
-        totals = list(self.totals)
-        functions = {name: list(counts) for name, counts in self.function_totals.items()}
-        rows = []
-        for worker in self.workers.values():
-            slot = self.board.slot(worker.slot)
-            for field in scoreboard.TOTALS:
-                totals[field] += slot.get(field)
-            scoreboard.add_function_counts(functions, slot.functions())
-            rows.append({"pid": worker.pid, **{name: slot.get(field) for name, field in (
-                ("inflight", scoreboard.INFLIGHT), ("connections", scoreboard.CONNECTIONS),
-                ("rss", scoreboard.RSS))}})
+        totals, rows, functions = self.census.snapshot(self.workers.values())
         return totals, rows, {"processes": self.processes, "generation": self.generation,
-                              "restarts": dict(self.restarts), "functions": functions}
+                              "restarts": dict(self.census.restarts), "functions": functions}

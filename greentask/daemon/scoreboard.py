@@ -14,8 +14,9 @@ Beside each row, a slot has a small table of task counts by function name
 the child on a function's first use (length byte last, so the master never
 reads half a name), then ``ok``/``failed``/``timeout`` counts.
 
-Worker states are the constants below; a child changes its own state only
-through :meth:`Slot.set_state`.
+Worker states are :class:`~greentask.daemon.lifecycle.WorkerState`; every
+change goes through :meth:`Slot.set_state`, which checks it against the
+transition table.
 """
 
 from __future__ import annotations
@@ -24,19 +25,9 @@ import bisect
 import mmap
 import time
 
-#: The slot is free.
-FREE = 0
-#: Forked, importing task modules; not serving yet.
-BOOTING = 1
-#: Serving the listener.
-READY = 2
-#: Wants to be replaced (served enough tasks, or grew too big); still serving.
-RECYCLE = 3
-#: Told to stop: not accepting, finishing in-flight tasks.
-DRAINING = 4
+from greentask.daemon.lifecycle import WorkerState, check_move
 
-STATE_NAMES = {FREE: "free", BOOTING: "booting", READY: "ready", RECYCLE: "recycle",
-               DRAINING: "draining"}
+FREE, BOOTING, READY, RECYCLE, DRAINING = WorkerState
 
 #: Upper bounds (seconds) of the task duration histogram's buckets; the last
 #: bucket (above the last bound) is implicit.
@@ -94,12 +85,13 @@ class Slot:
         self._cells[self._base + field] += amount
 
     @property
-    def state(self) -> int:
-        """The worker's state constant."""
-        return int(self._cells[self._base + STATE])
+    def state(self) -> WorkerState:
+        """The worker's state."""
+        return WorkerState(int(self._cells[self._base + STATE]))
 
-    def set_state(self, state: int) -> None:
-        """Move the worker to ``state`` (one of the module's state constants)."""
+    def set_state(self, state: WorkerState) -> None:
+        """Move the worker to ``state``; raises ``StateError`` for a move the table forbids."""
+        check_move(self.state, state)
         self._cells[self._base + STATE] = state
 
     def observe(self, seconds: float) -> None:
@@ -162,7 +154,7 @@ class Slot:
         """Every field by name; ``state`` as its name."""
         row: dict[str, float | str] = {name: self.get(i) for name, i in _INDEX.items()
                                        if not name.startswith("duration_bucket_")}
-        row["state"] = STATE_NAMES.get(self.state, "unknown")
+        row["state"] = self.state.name.lower()
         return row
 
 
