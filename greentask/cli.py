@@ -8,11 +8,11 @@ from typing import Any
 
 import ujson
 
-from greentask import tls
 from greentask.client import TaskClient
 from greentask.config import control_socket_path, load, render_markdown
 from greentask.daemon.control import ControlError, format_status, send_command
 from greentask.errors import ConfigError, GreentaskError
+from greentask.gateway.upstream import client_context
 
 #: Exit status of a call whose task failed, or of a master that could not be reached.
 EXIT_TASK_FAILED = 1
@@ -93,9 +93,7 @@ def call(args: argparse.Namespace) -> int:
             servers = [f"{host}:{port}"]
         context = None
         if args.tls or args.ca_certs or config.worker.certfile or config.gateway.tls:
-            gateway = config.gateway
-            context = tls.client_context(args.ca_certs or gateway.ca_certs, gateway.certfile,
-                                         gateway.keyfile)
+            context = client_context(config.gateway, args.ca_certs)
         client = TaskClient(servers, timeout=args.timeout,
                             auth_token=config.worker.auth_token_file, ssl_context=context)
     except (ValueError, ConfigError, OSError) as exc:

@@ -22,14 +22,14 @@ refusal of the client's certificate, which comes before it reads anything.
 TLS: OpenSSL forbids using one ``SSL`` object from two threads at once, and
 a reader thread plus writing callers would. A TLS connection therefore puts
 its socket in non-blocking mode and makes every TLS call under one lock
-(:class:`_TLSStream`), waiting with ``poll`` outside it.
+(:class:`greentask.tls.SharedTLSStream`), waiting with ``poll`` outside it.
 """
 
 from __future__ import annotations
 
+import enum
 import itertools
 import logging
-import select
 import socket
 import ssl
 import threading
@@ -46,6 +46,7 @@ from greentask.errors import (
     WorkerLost,
 )
 from greentask.protocol import LineDecoder, Reply, encode_hello, encode_request, parse_reply
+from greentask.tls import SharedTLSStream, is_handshake_refusal
 
 log = logging.getLogger("greentask.client")
 
@@ -64,19 +65,30 @@ MAX_ATTEMPTS = 5
 ProgressCallback = Callable[[Any], None]
 
 
-class TaskHandle:
-    """A submitted task; :meth:`get` waits for its result."""
+class Unanswered(enum.Enum):
+    """Why a connection gives a request back to its client without a reply."""
 
-    def __init__(self, client: TaskClient, function: str, args: list[Any] | dict[str, Any],
-                 timeout: float, retry: bool, on_progress: ProgressCallback | None) -> None:
+    #: The server refused the connection before reading anything (a TLS
+    #: certificate check): the task did not run.
+    REFUSED = "refused"
+    #: The server answered ShuttingDown: the task did not run.
+    SHUTTING_DOWN = "shutting down"
+    #: The connection died after the request was sent: the task may have run.
+    LOST = "lost"
+
+
+class TaskHandle:
+    """A submitted task (a future): :meth:`get` waits for its result."""
+
+    def __init__(self, function: str, args: list[Any] | dict[str, Any], timeout: float,
+                 retry: bool, on_progress: ProgressCallback | None) -> None:
         self.function = function
         self.args = args
         self.timeout = timeout
         self.retry = retry
         self.on_progress = on_progress
+        #: Times the client has sent it (failover, ShuttingDown, retry=True).
         self.attempts = 0
-        self._client = client
-        self._connection: _Connection | None = None
         self._done = threading.Event()
         self._result: Any = None
         self._error: BaseException | None = None
@@ -116,81 +128,27 @@ class TaskHandle:
         except Exception:
             log.exception("on_progress callback of task %r raised", self.function)
 
-    def _refused(self, reason: str) -> None:
-        """The server refused the connection before reading this request: send it elsewhere."""
-        self._client._send(self, reason)
-
-    def _lost(self, reason: str) -> None:
-        """The connection died after this request was sent."""
-        if self.retry:
-            self._client._send(self)
-        else:
-            self._resolve(error=WorkerLost(
-                f"connection to the task server closed before task {self.function!r} "
-                f"answered ({reason}); it may or may not have run. Pass retry=True for tasks "
-                "that are safe to run twice"))
-
 
 class _SendFailed(Exception):
     """The request was not written completely: no server has it."""
 
 
-class _TLSStream:
-    """A TLS socket shared by a reader thread and writing threads, one TLS call at a time."""
-
-    def __init__(self, sock: ssl.SSLSocket) -> None:
-        sock.setblocking(False)
-        self.sock = sock
-        self._tls_lock = threading.Lock()
-        self._readable = select.poll()
-        self._readable.register(sock, select.POLLIN)
-        self._writable = select.poll()
-        self._writable.register(sock, select.POLLOUT)
-
-    def recv(self, size: int) -> bytes:
-        """Block until data (or the end) arrives; only the reader thread calls it."""
-        while True:
-            with self._tls_lock:
-                try:
-                    return self.sock.recv(size)
-                except ssl.SSLWantReadError:
-                    waiter = self._readable
-                except ssl.SSLWantWriteError:
-                    waiter = self._writable
-            waiter.poll()
-
-    def sendall(self, data: bytes) -> None:
-        """Send all of ``data``; callers are already serialised by the connection's lock."""
-        view = memoryview(data)
-        while view:
-            with self._tls_lock:
-                try:
-                    view = view[self.sock.send(view):]
-                    continue
-                except ssl.SSLWantWriteError:
-                    waiter = self._writable
-                except ssl.SSLWantReadError:
-                    waiter = self._readable
-            waiter.poll()
-
-
-#: OpenSSL's names for the alerts a server sends when it rejects the client's
-#: certificate, which happens only in the handshake.
-_REFUSAL_ALERTS = ("CERTIFICATE", "UNKNOWN_CA", "ACCESS_DENIED", "HANDSHAKE_FAILURE")
-
-
-def _is_handshake_refusal(exc: ssl.SSLError) -> bool:
-    reason = exc.reason or ""
-    return "ALERT" in reason and any(name in reason for name in _REFUSAL_ALERTS)
+#: What a connection calls with a request it gives back unanswered.
+GiveBack = Callable[[TaskHandle, Unanswered, str], None]
 
 
 class _Connection:
-    """One persistent connection and the thread that reads its replies."""
+    """One persistent connection and the thread that reads its replies.
 
-    def __init__(self, address: tuple[str, int], connect_timeout: float,
+    A request it cannot answer goes back to its client through ``give_back``;
+    the client alone decides whether to send it again.
+    """
+
+    def __init__(self, address: tuple[str, int], connect_timeout: float, give_back: GiveBack,
                  auth_token: str | None = None,
                  ssl_context: ssl.SSLContext | None = None) -> None:
         self.address = address
+        self._give_back = give_back
         self.sock = socket.create_connection(address, timeout=connect_timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if ssl_context is None:
@@ -203,7 +161,7 @@ class _Connection:
             except OSError:
                 self.sock.close()
                 raise
-            stream = _TLSStream(self.sock)
+            stream = SharedTLSStream(self.sock)
             self._recv, self._sendall = stream.recv, stream.sendall
         if auth_token is not None:
             # No reply on success: requests may follow at once.
@@ -272,7 +230,7 @@ class _Connection:
             # Under TLS 1.3 the server checks the client's certificate after
             # the client's side of the handshake is done: its refusal arrives
             # as an alert here, and it read none of our requests.
-            refused = not received and _is_handshake_refusal(exc)
+            refused = not received and is_handshake_refusal(exc)
             reason = f"TLS: {exc.reason or exc}" + (
                 " (the server requires a client certificate it accepts: pass certfile and "
                 "keyfile to greentask.tls.client_context)" if refused else "")
@@ -306,9 +264,9 @@ class _Connection:
         if reply.kind == "result":
             handle._resolve(reply.value)
         elif isinstance(reply.value, ShuttingDown):
-            # The task did not run: send it elsewhere, and send nothing more here.
+            # The task did not run: send nothing more here.
             self.draining = True
-            handle._client._send(handle)
+            self._give_back(handle, Unanswered.SHUTTING_DOWN, str(reply.value))
         else:
             handle._resolve(error=reply.value)
         if self.draining:
@@ -327,11 +285,9 @@ class _Connection:
             lost = list(self._pending.values())
             self._pending.clear()
         self.sock.close()
+        cause = Unanswered.REFUSED if refused else Unanswered.LOST
         for handle in lost:
-            if refused:
-                handle._refused(reason)
-            else:
-                handle._lost(reason)
+            self._give_back(handle, cause, reason)
 
 
 class TaskClient:
@@ -400,8 +356,8 @@ class TaskClient:
         """
         if args is not None and not isinstance(args, (list, dict)):
             raise TypeError(f"args must be a list or a dict, not {type(args).__name__}")
-        handle = TaskHandle(self, function, args or [],
-                            self.timeout if timeout is None else timeout, retry, on_progress)
+        handle = TaskHandle(function, args or [], self.timeout if timeout is None else timeout,
+                            retry, on_progress)
         self._send(handle)
         return handle
 
@@ -418,6 +374,20 @@ class TaskClient:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+    def _take_back(self, handle: TaskHandle, cause: Unanswered, reason: str) -> None:
+        """The one retry policy: a request a connection gave back unanswered.
+
+        One that did not run (refused, ShuttingDown) is always sent again; one
+        whose connection died after it was sent only with ``retry=True``.
+        """
+        if cause is Unanswered.LOST and not handle.retry:
+            handle._resolve(error=WorkerLost(
+                f"connection to the task server closed before task {handle.function!r} "
+                f"answered ({reason}); it may or may not have run. Pass retry=True for tasks "
+                "that are safe to run twice"))
+            return
+        self._send(handle, reason if cause is Unanswered.REFUSED else "")
 
     def _send(self, handle: TaskHandle, refusal: str = "") -> None:
         """Send ``handle`` on some connection; ``refusal``: why a server just refused it."""
@@ -464,7 +434,8 @@ class TaskClient:
         for address in up or candidates:
             try:
                 self._connections.append(_Connection(address, self.connect_timeout,
-                                                     self._auth_token, self._ssl_context))
+                                                     self._take_back, self._auth_token,
+                                                     self._ssl_context))
                 return []
             except OSError as exc:
                 self._down_until[address] = now + DOWN_RETRY_DELAY

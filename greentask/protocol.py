@@ -212,16 +212,24 @@ def _json_kind(value: Any) -> str:
     return kinds.get(type(value), type(value).__name__)
 
 
-def _line(reply: dict[str, Any], request_id: RequestId) -> bytes:
-    if request_id is not None:
-        reply["id"] = request_id
+def encode_line(value: dict[str, Any]) -> bytes:
+    """``value`` as one JSON line; raises ``TypeError`` or ``OverflowError`` when it is not JSON.
+
+    Every line greentask writes (task port and control socket) goes through here.
+    """
     # ujson writes NaN and Infinity by default, which JSON does not have; the
     # strict encoder raises for them, but its keyword costs more than the whole
     # encoding of a small reply: encode strictly only when the text has them.
-    text = ujson.dumps(reply)
+    text = ujson.dumps(value)
     if "NaN" in text or "Infinity" in text:
-        text = ujson.dumps(reply, allow_nan=False)
+        text = ujson.dumps(value, allow_nan=False)
     return text.encode() + b"\n"
+
+
+def _line(reply: dict[str, Any], request_id: RequestId) -> bytes:
+    if request_id is not None:
+        reply["id"] = request_id
+    return encode_line(reply)
 
 
 def encode_result(request_id: RequestId, result: Any) -> bytes:
@@ -244,7 +252,7 @@ def encode_progress(request_id: RequestId, value: Any) -> bytes:
 
 def encode_hello(token: str) -> bytes:
     """The first line of a connection to a server that requires a token."""
-    return ujson.dumps({"auth": token}).encode() + b"\n"
+    return encode_line({"auth": token})
 
 
 def parse_hello(line: bytes) -> str | None:

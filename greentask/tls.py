@@ -8,11 +8,18 @@ client side verifies the server's certificate and host name by default, as
 ``ssl.SSLContext`` is looked up when a context is made: gevent's monkey
 patching replaces it in the ``ssl`` module, so a patched process gets
 gevent's cooperative sockets.
+
+OpenSSL forbids using one ``SSL`` object from two threads at once, and the
+client's reader thread plus its writing callers would: :class:`SharedTLSStream`
+makes every TLS call of a connection under one lock, waiting with ``poll``
+outside it.
 """
 
 from __future__ import annotations
 
+import select
 import ssl
+import threading
 
 #: Oldest protocol version either side accepts.
 MINIMUM_VERSION = ssl.TLSVersion.TLSv1_2
@@ -48,3 +55,53 @@ def client_context(ca_certs: str | None = None, certfile: str | None = None,
     if certfile is not None:
         context.load_cert_chain(certfile, keyfile)
     return context
+
+
+class SharedTLSStream:
+    """A TLS socket shared by a reader thread and writing threads, one TLS call at a time."""
+
+    def __init__(self, sock: ssl.SSLSocket) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self._tls_lock = threading.Lock()
+        self._readable = select.poll()
+        self._readable.register(sock, select.POLLIN)
+        self._writable = select.poll()
+        self._writable.register(sock, select.POLLOUT)
+
+    def recv(self, size: int) -> bytes:
+        """Block until data (or the end) arrives; only the reader thread calls it."""
+        while True:
+            with self._tls_lock:
+                try:
+                    return self.sock.recv(size)
+                except ssl.SSLWantReadError:
+                    waiter = self._readable
+                except ssl.SSLWantWriteError:
+                    waiter = self._writable
+            waiter.poll()
+
+    def sendall(self, data: bytes) -> None:
+        """Send all of ``data``; callers are already serialised by the connection's lock."""
+        view = memoryview(data)
+        while view:
+            with self._tls_lock:
+                try:
+                    view = view[self.sock.send(view):]
+                    continue
+                except ssl.SSLWantWriteError:
+                    waiter = self._writable
+                except ssl.SSLWantReadError:
+                    waiter = self._readable
+            waiter.poll()
+
+
+#: OpenSSL's names for the alerts a server sends when it rejects the client's
+#: certificate, which happens only in the handshake.
+_REFUSAL_ALERTS = ("CERTIFICATE", "UNKNOWN_CA", "ACCESS_DENIED", "HANDSHAKE_FAILURE")
+
+
+def is_handshake_refusal(exc: ssl.SSLError) -> bool:
+    """True for an alert by which a server refuses the client's certificate."""
+    reason = exc.reason or ""
+    return "ALERT" in reason and any(name in reason for name in _REFUSAL_ALERTS)

@@ -296,7 +296,7 @@ def test_long_limits_are_enforced_by_the_sweep(daemon, connect):
 
 def test_accepted_sockets_inherit_tcp_nodelay_from_the_listener():
     """The worker sets no socket option per connection: this inheritance is why."""
-    from greentask.daemon.master import bind_listener
+    from greentask.daemon.listener import bind_listener
 
     from .conftest import free_port
     listener = bind_listener(("127.0.0.1", free_port()))

@@ -38,6 +38,7 @@ from greentask.config.converters import (
     to_text,
     to_uid,
 )
+from greentask.protocol import DEFAULT_MAX_DEPTH, DEFAULT_MAX_LINE
 
 #: Prefix of the environment variables that override settings.
 ENV_PREFIX = "GREENTASK_"
@@ -88,10 +89,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("worker", "concurrency", "1000", to_positive_int,
             "Tasks one process runs at once; when they are all busy the process stops "
             "reading requests (TCP backpressure) instead of dropping them."),
-    Setting("worker", "max_line", "1MiB", to_size,
+    Setting("worker", "max_line", f"{DEFAULT_MAX_LINE >> 20}MiB", to_size,
             "Longest request line; a longer one is answered with TooLarge and the "
             "connection is closed."),
-    Setting("worker", "max_json_depth", "64", to_positive_int,
+    Setting("worker", "max_json_depth", str(DEFAULT_MAX_DEPTH), to_positive_int,
             "Deepest nesting of arrays and objects in a request (the request itself is "
             "level 1); a deeper one is answered with BadRequest."),
     Setting("worker", "auth_token_file", "none", to_secret_file,

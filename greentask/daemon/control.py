@@ -25,6 +25,7 @@ import ujson
 
 from greentask.daemon.selectserver import OneShotServer
 from greentask.errors import GreentaskError
+from greentask.protocol import encode_line
 
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
 
@@ -69,7 +70,7 @@ class ControlServer(OneShotServer):
 
     def respond(self, line: bytes) -> bytes:
         """Run one command line; the reply line."""
-        return ujson.dumps(self._run(line)).encode() + b"\n"
+        return encode_line(self._run(line))
 
     def _run(self, line: bytes) -> dict[str, Any]:
         try:
@@ -101,7 +102,7 @@ def send_command(path: str, command: str, timeout: float = 5.0,
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
             sock.connect(path)
-            sock.sendall(ujson.dumps({"command": command, **arguments}).encode() + b"\n")
+            sock.sendall(encode_line({"command": command, **arguments}))
             data = b""
             while not data.endswith(b"\n"):
                 chunk = sock.recv(65536)

@@ -1,6 +1,6 @@
 """The outbound half of a connection: reply lines batched per event-loop turn.
 
-Task greenlets must never block on a slow peer (they hold a task slot), so
+Task greenlets must never block on a slow peer (they hold a task permit), so
 they only queue bytes here. Everything queued during one turn of the event
 loop is written at the end of that turn by a loop callback, with one
 non-blocking ``write``: no greenlet switch, one system call for many replies.

@@ -87,12 +87,12 @@ class SessionPool:
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._slots = BoundedSemaphore(size)
+        self._permits = BoundedSemaphore(size)
         self._idle: list[tuple[smtplib.SMTP, float]] = []
 
     def take(self) -> smtplib.SMTP | None:
-        """Wait for a slot; return an idle session, or None (one is opened on first send)."""
-        self._slots.acquire()
+        """Wait for a permit; return an idle session, or None (one is opened on first send)."""
+        self._permits.acquire()
         now = time.monotonic()
         while self._idle:
             session, since = self._idle.pop()
@@ -102,10 +102,10 @@ class SessionPool:
         return None
 
     def give_back(self, session: smtplib.SMTP | None) -> None:
-        """Return the slot, keeping ``session`` (if any) open for the next task."""
+        """Return the permit, keeping ``session`` (if any) open for the next task."""
         if session is not None:
             self._idle.append((session, time.monotonic()))
-        self._slots.release()
+        self._permits.release()
 
 
 def deliver(session: smtplib.SMTP | None, template: MessageTemplate,

@@ -34,11 +34,11 @@ import gevent.pool
 import ujson
 from gevent.lock import BoundedSemaphore
 
-from greentask import tls
 from greentask.client import TaskClient
 from greentask.config import Config, check_gateway_tls, load
 from greentask.errors import GreentaskError, RemoteError
 from greentask.gateway import geventwebsocket_fixes, metrics
+from greentask.gateway.upstream import task_client
 
 log = logging.getLogger("greentask.gateway")
 
@@ -77,12 +77,7 @@ class Gateway:
     def client(self) -> TaskClient:
         """The task client, made on first use (after gunicorn forked this worker)."""
         if self._client is None:
-            servers = [f"{host}:{port}" for host, port in self.settings.task_servers]
-            settings = self.settings
-            context = tls.client_context(settings.ca_certs, settings.certfile,
-                                         settings.keyfile) if settings.tls else None
-            self._client = TaskClient(servers, timeout=settings.call_timeout,
-                                      auth_token=settings.auth_token_file, ssl_context=context)
+            self._client = task_client(self.settings)
         return self._client
 
     def origin_allowed(self, environ: dict[str, Any]) -> bool:
@@ -131,7 +126,7 @@ class Gateway:
 
     def serve_socket(self, socket: Any) -> None:
         """Read messages until the browser leaves; each runs in its own greenlet."""
-        slots = BoundedSemaphore(self.settings.max_inflight_per_socket)
+        permits = BoundedSemaphore(self.settings.max_inflight_per_socket)
         running = gevent.pool.Group()
         self.sockets.add(socket)
         metrics.SOCKETS_OPENED.inc()
@@ -140,7 +135,7 @@ class Gateway:
             self._watcher = gevent.spawn(self._close_sockets_on_stop, socket.handler.server)
             gevent.spawn(self._flush_metrics_forever)
         try:
-            self._read_messages(socket, slots, running)
+            self._read_messages(socket, permits, running)
         finally:
             self.sockets.discard(socket)
             metrics.SOCKETS_OPEN.dec()
@@ -161,7 +156,7 @@ class Gateway:
             socket.close(geventwebsocket_fixes.CLOSE_GOING_AWAY, "server is stopping")
         metrics.TALLY.flush()
 
-    def _read_messages(self, socket: Any, slots: BoundedSemaphore,
+    def _read_messages(self, socket: Any, permits: BoundedSemaphore,
                        running: gevent.pool.Group) -> None:
         while True:
             message: Any = _IDLE
@@ -171,16 +166,16 @@ class Gateway:
                 socket.close(geventwebsocket_fixes.CLOSE_NORMAL, "idle timeout")
             if message is _IDLE or message is None:
                 break
-            if not slots.acquire(blocking=False):
+            if not permits.acquire(blocking=False):
                 self._send(socket, error_event(
                     _message_id(message), "Overloaded",
                     f"more than {self.settings.max_inflight_per_socket} tasks in flight on "
                     "this socket; wait for some to complete"))
                 continue
-            running.spawn(self._run_message, socket, message, slots)
+            running.spawn(self._run_message, socket, message, permits)
         # Results still coming for this socket are dropped (and counted) in _send.
 
-    def _run_message(self, socket: Any, message: str | bytes, slots: BoundedSemaphore) -> None:
+    def _run_message(self, socket: Any, message: str | bytes, permits: BoundedSemaphore) -> None:
         try:
             if isinstance(message, bytes):
                 message = message.decode("utf-8", "replace")
@@ -195,7 +190,7 @@ class Gateway:
                 return
             self._run_request(socket, request)
         finally:
-            slots.release()
+            permits.release()
 
     def _run_request(self, socket: Any, request: dict[str, Any]) -> None:
         request_id = request.get("id")
