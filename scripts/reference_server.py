@@ -1,7 +1,8 @@
 """The bare reference for scripts/bench: a gevent StreamServer bound once and forked.
 
-It echoes each JSON request line's args back with ujson and does nothing
-else: no validation, ids, timeouts, pools or counters. greentask's overhead is
+It echoes each JSON request line's args back with ujson, or, for the sleep
+function, sleeps ``args[0]`` seconds in the connection's greenlet first, and
+does nothing else: no validation, ids, timeouts, pools or counters. greentask's overhead is
 measured against it. Usage: reference_server.py PORT PROCESSES
 """
 
@@ -30,6 +31,7 @@ else:  # the parent waits; SIGTERM ends the children too
 from gevent import monkey  # noqa: E402  (the child patches after the fork)
 
 monkey.patch_all()
+import gevent  # noqa: E402
 import gevent.socket  # noqa: E402
 import ujson  # noqa: E402
 from gevent.server import StreamServer  # noqa: E402
@@ -42,12 +44,19 @@ def handle(sock, address):
         pass
 
 
+def answer(line):
+    request = ujson.loads(line)
+    if request.get("function") == "sleep":
+        gevent.sleep(request["args"][0])
+        return ujson.dumps({"ok": True, "result": None})
+    return ujson.dumps({"ok": True, "result": request.get("args")})
+
+
 def serve(sock):
     buffer = b""
     while data := sock.recv(65536):
         *lines, buffer = (buffer + data).split(b"\n")
-        replies = [ujson.dumps({"ok": True, "result": ujson.loads(line).get("args")})
-                   for line in lines if line]
+        replies = [answer(line) for line in lines if line]
         if replies:
             sock.sendall(("\n".join(replies) + "\n").encode())
 

@@ -21,8 +21,9 @@ from greentask.config import load
 from greentask.daemon import scoreboard
 from greentask.daemon.connection import IDLE_GRACE, Connection, Phase
 from greentask.daemon.server import ProcessServer
+from greentask.protocol import Request
 from greentask.registry import Registry
-from tests.test_runner import green_wait
+from tests.test_runner import Replies, green_wait
 
 RELEASE = Event()
 
@@ -192,3 +193,42 @@ def test_a_phase_moves_only_forward(make_server):
     connection._enter(Phase.CLOSING)
     with pytest.raises(AssertionError, match="closing -> open is not a valid move"):
         connection._enter(Phase.OPEN)
+
+
+def stack_room() -> int:
+    """How many more frames this greenlet can push before RecursionError."""
+    def down(depth: int) -> int:
+        try:
+            return down(depth + 1)
+        except RecursionError:
+            return depth
+    return down(0)
+
+
+def test_tasks_start_in_greenlets_as_shallow_as_the_hubs(make_server):
+    # Greenlets inherit the stack depth they are first switched to from. One
+    # created by a reader (say, to start a task at once) would start at the
+    # reader's depth, readers it later served deeper still, until
+    # RecursionError closed connections under load: seen at 512 connections
+    # when tasks were started that way. Task greenlets are made by the hub.
+    server = make_server()
+    server.runner.registry.add(stack_room, "room")
+    rooms = set()
+    for round_number in range(6):
+        # More peers each round, so each round needs new greenlets.
+        peers = [Peer(port_of(server)) for _ in range(2 + 4 * round_number)]
+        for peer in peers:
+            peer.send(*({"function": "room", "id": i} for i in range(4)))
+        for peer in peers:
+            replies = [peer.read() for _ in range(4)]
+            assert all(reply and reply["ok"] for reply in replies), replies
+            rooms.update(reply["result"] for reply in replies)
+            peer.close()
+        green_wait(lambda: not server.connections, 5, "the peers to be gone")
+    # The same task in a greenlet the hub made: every task above had as much room.
+    runner, owner = server.runner, Replies()
+    runner.kill_idle()
+    runner._idle_greenlets.clear()
+    runner.spawn(runner._run, Request("room", [], 0), stack_room, owner)
+    green_wait(lambda: owner.finished, 5, "the reference task")
+    assert min(rooms) >= owner.final(0)["result"] - 2, (sorted(rooms), owner.lines)

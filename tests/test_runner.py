@@ -169,7 +169,8 @@ def test_running_tasks_are_findable_by_owner_and_id(registry):
     runner.submit(request("hold", request_id="a"), registry.lookup("hold"), second)
     green_wait(lambda: len(runner.running) == 2, 5, "both running")
     found = runner.find(second, "a")
-    assert found is not None and found.owner is second and found.request.id == "a"
+    assert found is not None and runner.running[found][0] is second
+    assert runner.running[found][1].id == "a"
     assert runner.find(first, "b") is None
     release.set()
     green_wait(lambda: first.finished and second.finished, 5, "both done")

@@ -139,6 +139,8 @@ class Connection:
         self.sock = sock
         self.peer = peer
         self.limits = limits
+        self._max_depth = limits.max_depth
+        self._max_inflight = limits.max_inflight
         self.runner = runner
         self.admission = admission
         self.phase = Phase.OPEN if limits.auth_token is None else Phase.HELLO
@@ -159,6 +161,9 @@ class Connection:
         self._below_limit.set()
         self._idle = Event()
         self._idle.set()
+        # Bound once: the per-request path below is the hot one.
+        self._lookup = runner.registry.lookup
+        self._submit = runner.submit
 
     @property
     def reading(self) -> bool:
@@ -205,12 +210,13 @@ class Connection:
         self.inflight -= 1
         if not self.inflight:
             self._idle.set()
-        if self.inflight < self.limits.max_inflight:
+        if self.inflight < self._max_inflight:
             self._below_limit.set()
 
     def _read_loop(self) -> None:
-        writable = self.writer.writable
-        while self.reading:
+        writer = self.writer
+        writable = writer.writable
+        while self.phase is not Phase.CLOSING and not writer.broken:
             writable.wait()
             try:
                 data = self.sock.recv(RECV_SIZE)
@@ -270,7 +276,7 @@ class Connection:
             self._authenticate(line)
             return
         try:
-            request = parse_request(line, self.limits.max_depth)
+            request = parse_request(line, self._max_depth)
         except BadRequest as exc:
             self.send(encode_error(exc.request_id, exc))
             return
@@ -282,16 +288,16 @@ class Connection:
                 "(on a new connection)")))
             return
         try:
-            function = self.runner.registry.lookup(request.function)
+            function = self._lookup(request.function)
         except RemoteError as exc:
             self.send(encode_error(request.id, exc))
             return
-        if self.inflight >= self.limits.max_inflight:
+        if self.inflight >= self._max_inflight:
             self._below_limit.clear()
             self._below_limit.wait()  # backpressure: this peer's requests wait in TCP
         self.inflight += 1
         self._idle.clear()
-        self.runner.submit(request, function, self)
+        self._submit(request, function, self)
 
     def _authenticate(self, line: bytes) -> None:
         token = parse_hello(line)

@@ -11,15 +11,15 @@ the task in a reused greenlet (or in the caller's, for a request without an
 with a deadline, sends its progress and final reply to the owner, counts the
 outcome once, and tells the owner the task is done.
 
-Deadlines are small strategies with one shape, after rq's death penalty:
-a context manager that throws an :class:`Expired` into the task when its
-time is up. Limits under :data:`COARSE_TIMEOUT_MIN` get a timer of their
-own (:class:`TimerDeadline`); longer ones are checked by one sweep every
-:data:`DEADLINE_SWEEP_INTERVAL` (:class:`SweptDeadline`), which saves about a
-microsecond per task.
+Deadlines are two small strategies with one shape, after rq's death
+penalty: each throws its own :class:`Expired` into the task when its time is
+up, and the runner maps exactly that one to a Timeout reply. Limits under
+:data:`COARSE_TIMEOUT_MIN` get a timer of their own (:class:`TimerDeadline`);
+longer ones are an entry in the :class:`DeadlineSweep`, checked every
+:data:`DEADLINE_SWEEP_INTERVAL`, which saves about a microsecond per task.
 
-Every running task is a :class:`RunningTask` in :attr:`TaskRunner.running`,
-findable by its greenlet and by ``(owner, request id)``.
+Every running task is in :attr:`TaskRunner.running`, by its greenlet, and
+findable by ``(owner, request id)`` with :meth:`TaskRunner.find`.
 """
 
 from __future__ import annotations
@@ -76,11 +76,10 @@ class TimerDeadline:
     def __init__(self, seconds: float) -> None:
         self.expired = Expired()
         self._timeout = gevent.Timeout(seconds, self.expired)
-
-    def __enter__(self) -> None:
         self._timeout.start()
 
-    def __exit__(self, *exc_info: object) -> None:
+    def cancel(self) -> None:
+        """The task ended in time."""
         self._timeout.close()
 
 
@@ -88,7 +87,8 @@ class DeadlineSweep:
     """Running tasks with a long limit, and the timer that expires them."""
 
     def __init__(self, interval: float = DEADLINE_SWEEP_INTERVAL) -> None:
-        #: Task greenlet -> (deadline, what to throw into it).
+        #: Task greenlet -> (deadline, what to throw into it); the runner adds
+        #: and removes a task's entry itself (no object per task on this path).
         self.deadlines: dict[greenlet.greenlet, tuple[float, Expired]] = {}
         self._timer = gevent.get_hub().loop.timer(interval, interval)
 
@@ -109,34 +109,9 @@ class DeadlineSweep:
                 task_greenlet.throw(expired)
 
 
-class SweptDeadline:
-    """A long limit, enforced by the :class:`DeadlineSweep`."""
-
-    __slots__ = ("_greenlet", "_seconds", "_sweep", "expired")
-
-    def __init__(self, sweep: DeadlineSweep, seconds: float) -> None:
-        self.expired = Expired()
-        self._sweep = sweep
-        self._seconds = seconds
-        self._greenlet: greenlet.greenlet | None = None
-
-    def __enter__(self) -> None:
-        self._greenlet = greenlet.getcurrent()
-        self._sweep.deadlines[self._greenlet] = (time.monotonic() + self._seconds, self.expired)
-
-    def __exit__(self, *exc_info: object) -> None:
-        del self._sweep.deadlines[self._greenlet]  # type: ignore[arg-type]
-
-
-class RunningTask:
-    """One task in flight: whose it is, which request, in which greenlet."""
-
-    __slots__ = ("greenlet", "owner", "request")
-
-    def __init__(self, owner: TaskOwner, request: Request, task_greenlet: greenlet.greenlet):
-        self.owner = owner
-        self.request = request
-        self.greenlet = task_greenlet
+#: One task in flight, by its greenlet in :attr:`TaskRunner.running`: the
+#: connection it answers and its request (a plain tuple: one is made per task).
+RunningTask = tuple[TaskOwner, Request]
 
 
 class TaskRunner:
@@ -222,11 +197,11 @@ class TaskRunner:
         else:
             self.spawn(self._run, request, function, owner)
 
-    def find(self, owner: TaskOwner, request_id: Any) -> RunningTask | None:
-        """The running task of ``owner`` with ``request_id``, if any."""
-        for running in self.running.values():
-            if running.owner is owner and running.request.id == request_id:
-                return running
+    def find(self, owner: TaskOwner, request_id: Any) -> greenlet.greenlet | None:
+        """The greenlet running the task of ``owner`` with ``request_id``, if any."""
+        for task_greenlet, (task_owner, request) in self.running.items():
+            if task_owner is owner and request.id == request_id:
+                return task_greenlet
         return None
 
     def wait_idle(self, timeout: float) -> bool:
@@ -241,7 +216,7 @@ class TaskRunner:
     def _run(self, request: Request, function: Callable[..., Any], owner: TaskOwner) -> None:
         current = greenlet.getcurrent()
         running = self.running
-        running[current] = RunningTask(owner, request, current)
+        running[current] = (owner, request)
         self._idle.clear()
         slot = self.slot
         slot.set(scoreboard.INFLIGHT, len(running))
@@ -250,7 +225,7 @@ class TaskRunner:
             if request.progress:
                 def sink(value: Any) -> None:
                     owner.send(encode_progress(request.id, value))
-            line, outcome = self._execute(request, function, sink)
+            line, outcome = self._execute(request, function, sink, current)
             slot.count_task(request.function, outcome)
             owner.send(line)
         finally:
@@ -265,23 +240,28 @@ class TaskRunner:
             self.on_recycle(f"it has run max_tasks_per_child ({self.max_tasks}) tasks")
 
     def _execute(self, request: Request, function: Callable[..., Any],
-                 sink: Callable[[Any], None] | None) -> tuple[bytes, int]:
+                 sink: Callable[[Any], None] | None,
+                 current: greenlet.greenlet) -> tuple[bytes, int]:
         """Run one task within its limit; return its final reply line and its outcome."""
         seconds = self.task_timeout
         if request.timeout is not None and request.timeout < seconds:
             seconds = request.timeout
-        deadline = TimerDeadline(seconds) if seconds < COARSE_TIMEOUT_MIN else \
-            SweptDeadline(self.sweep, seconds)
-        started = time.monotonic() if self.measure_durations else 0.0
+        started = time.monotonic()
+        timer = None
+        if seconds < COARSE_TIMEOUT_MIN:
+            timer = TimerDeadline(seconds)
+            expired = timer.expired
+        else:
+            expired = Expired()
+            self.sweep.deadlines[current] = (started + seconds, expired)
         try:
-            with deadline:
-                if sink is None:
+            if sink is None:
+                result = call_task(function, request.args)
+            else:
+                with progress_sink(sink):
                     result = call_task(function, request.args)
-                else:
-                    with progress_sink(sink):
-                        result = call_task(function, request.args)
         except Expired as exc:
-            if exc is not deadline.expired:
+            if exc is not expired:
                 raise
             return encode_error(request.id, TaskTimeout(
                 f"task {request.function!r} ran longer than {seconds:g} s and was stopped; "
@@ -292,6 +272,10 @@ class TaskRunner:
         except (Exception, SystemExit) as exc:
             return encode_error(request.id, self._task_error(request, exc)), scoreboard.FAILED
         finally:
+            if timer is None:
+                del self.sweep.deadlines[current]
+            else:
+                timer.cancel()
             if self.measure_durations:
                 self.slot.observe(time.monotonic() - started)
         try:
