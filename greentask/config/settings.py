@@ -62,7 +62,9 @@ class Setting:
     @property
     def accepts(self) -> str:
         """What values it takes, from the converter's docstring."""
-        return (self.convert.__doc__ or "").strip()
+        # One line whatever the docstring's layout (Python 3.13 dedents
+        # docstrings, 3.11 does not): the text goes into a table cell.
+        return " ".join((self.convert.__doc__ or "").split())
 
 
 SETTINGS: tuple[Setting, ...] = (
