@@ -387,7 +387,9 @@ class TaskClient:
                 f"answered ({reason}); it may or may not have run. Pass retry=True for tasks "
                 "that are safe to run twice"))
             return
-        self._send(handle, reason if cause is Unanswered.REFUSED else "")
+        # A server's own "no" (refused, ShuttingDown) names the cause best if
+        # every attempt after it fails too.
+        self._send(handle, "" if cause is Unanswered.LOST else reason)
 
     def _send(self, handle: TaskHandle, refusal: str = "") -> None:
         """Send ``handle`` on some connection; ``refusal``: why a server just refused it."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from greentask.daemon.children import ChildPhase, WorkerProcess
+from greentask.daemon.lifecycle import StateError
 
 
 def child() -> WorkerProcess:
@@ -17,7 +18,7 @@ def test_a_retired_child_that_hangs_is_aborted_and_stays_retired():
     assert worker.phase is ChildPhase.RETIRING and worker.retired
     worker.enter(ChildPhase.ABORTED, now=5.0)
     assert worker.phase_since == 5.0 and worker.retire_cause == "reload"
-    with pytest.raises(AssertionError, match="aborted -> serving is not a valid move"):
+    with pytest.raises(StateError, match="worker 123 cannot move from aborted to serving"):
         worker.enter(ChildPhase.SERVING)
 
 

@@ -20,6 +20,7 @@ from gevent.event import Event
 from greentask.config import load
 from greentask.daemon import scoreboard
 from greentask.daemon.connection import IDLE_GRACE, Connection, Phase
+from greentask.daemon.lifecycle import StateError
 from greentask.daemon.server import ProcessServer
 from greentask.protocol import Request
 from greentask.registry import Registry
@@ -191,7 +192,7 @@ def test_a_phase_moves_only_forward(make_server):
     connection = only_connection(server)
     connection.stop_reading(socket.SHUT_RD)
     connection._enter(Phase.CLOSING)
-    with pytest.raises(AssertionError, match="closing -> open is not a valid move"):
+    with pytest.raises(StateError, match="cannot move from closing to open"):
         connection._enter(Phase.OPEN)
 
 

@@ -75,5 +75,5 @@ def run_worker(listener: socket.socket, config: Config, master_pid: int, number:
     if max_tasks:
         max_tasks += random.randint(0, config.worker.max_tasks_jitter)
     ProcessServer(gevent_listener, config, default_registry, master_pid, slot, max_tasks,
-           ssl_context).serve_forever()
+                  ssl_context).serve_forever()
     return EXIT_OK

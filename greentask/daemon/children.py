@@ -6,6 +6,8 @@ import enum
 import time
 from dataclasses import dataclass
 
+from greentask.daemon.lifecycle import check_move
+
 
 class ChildPhase(enum.Enum):
     """Where a child is, as the master sees it (the child's own state is in its slot)."""
@@ -51,10 +53,8 @@ class WorkerProcess:
         return bool(self.retire_cause)
 
     def enter(self, phase: ChildPhase, now: float | None = None) -> None:
-        """Move to ``phase``; raises ``AssertionError`` for a move the table forbids."""
-        if phase not in CHILD_MOVES[self.phase]:
-            raise AssertionError(f"worker {self.pid}: {self.phase.value} -> {phase.value} is "
-                                 "not a valid move")
+        """Move to ``phase``; raises ``StateError`` for a move the table forbids."""
+        check_move(CHILD_MOVES, self.phase, phase, f"worker {self.pid}")
         self.phase = phase
         self.phase_since = time.monotonic() if now is None else now
 

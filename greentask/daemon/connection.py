@@ -17,7 +17,8 @@ a peer that does not read them blocks only its own writer, and past
 have no timeouts: the worker's heartbeat calls :meth:`Connection.check_idle`.
 
 A connection is in one :class:`Phase` at a time, changed only by
-:meth:`Connection._enter`, which checks the move against :data:`PHASE_MOVES`.
+:meth:`Connection._enter`, which checks the move against :data:`PHASE_MOVES`
+(:func:`greentask.daemon.lifecycle.check_move`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import gevent
 import gevent.socket
 from gevent.event import Event
 
+from greentask.daemon.lifecycle import check_move
 from greentask.daemon.runner import TaskRunner
 from greentask.daemon.writer import ReplyWriter
 from greentask.errors import BadRequest, RemoteError, ShuttingDown, TaskTimeout, Unauthorized
@@ -141,7 +143,6 @@ class Connection:
         self.limits = limits
         self._max_depth = limits.max_depth
         self._max_inflight = limits.max_inflight
-        self.runner = runner
         self.admission = admission
         self.phase = Phase.OPEN if limits.auth_token is None else Phase.HELLO
         #: When the phase last changed.
@@ -165,18 +166,11 @@ class Connection:
         self._lookup = runner.registry.lookup
         self._submit = runner.submit
 
-    @property
-    def reading(self) -> bool:
-        """True while the connection reads requests."""
-        return self.phase is not Phase.CLOSING and not self.writer.broken
-
     def _enter(self, phase: Phase, now: float | None = None) -> None:
         """Move to ``phase`` (at ``now``); the one place a connection's phase changes."""
         if phase is self.phase:
             return
-        if phase not in PHASE_MOVES[self.phase]:
-            raise AssertionError(f"connection from {self.peer}: {self.phase.value} -> "
-                                 f"{phase.value} is not a valid move")
+        check_move(PHASE_MOVES, self.phase, phase, f"the connection from {self.peer}")
         self.phase = phase
         self.phase_since = time.monotonic() if now is None else now
 

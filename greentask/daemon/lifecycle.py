@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import enum
 import signal
+from collections.abc import Collection, Mapping
+from typing import TypeVar
 
 #: Signals a worker handles (stop gracefully, stop now, reopen logs). The
 #: master blocks them across the fork and the worker unblocks them once its
@@ -53,10 +55,23 @@ class StateError(AssertionError):
     """A state change that the table does not allow: a bug in greentask, not in a peer."""
 
 
-def check_move(old: WorkerState, new: WorkerState) -> None:
-    """Raise :class:`StateError` unless a worker may move from ``old`` to ``new``."""
-    if new not in STATE_MOVES[old]:
-        raise StateError(f"a worker cannot move from {old.name.lower()} to {new.name.lower()}")
+State = TypeVar("State", bound=enum.Enum)
+
+
+def check_move(moves: Mapping[State, Collection[State]], old: State, new: State,
+               subject: str) -> None:
+    """Raise :class:`StateError` unless ``subject`` may move from ``old`` to ``new``.
+
+    Every state machine of the daemon checks its moves here: a worker's
+    state (:data:`STATE_MOVES`), the master's view of a child, a connection.
+    """
+    if new not in moves[old]:
+        raise StateError(f"{subject} cannot move from {_state_name(old)} to "
+                         f"{_state_name(new)}")
+
+
+def _state_name(state: enum.Enum) -> str:
+    return state.value if isinstance(state.value, str) else state.name.lower()
 
 
 def set_process_title(title: str) -> None:
@@ -66,4 +81,3 @@ def set_process_title(title: str) -> None:
     except ImportError:
         return
     setproctitle(title)
-

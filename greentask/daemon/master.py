@@ -90,14 +90,7 @@ MAX_RESPAWN_DELAY = 5.0
 #: Worker slots in the scoreboard: the most children alive at once, old and new.
 SCOREBOARD_SLOTS = 1024
 
-__all__ = [
-    "EXIT_BOOT_ERROR",
-    "EXIT_CONFIG",
-    "EXIT_OK",
-    "BindError",
-    "Master",
-    "bind_listener",
-]
+__all__ = ["Master", "ReloadInFlight"]
 
 
 @dataclass(frozen=True)

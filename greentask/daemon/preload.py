@@ -55,4 +55,3 @@ def freeze_for_fork() -> None:
     gc.unfreeze()
     gc.collect()
     gc.freeze()
-

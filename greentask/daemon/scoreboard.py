@@ -25,7 +25,7 @@ import bisect
 import mmap
 import time
 
-from greentask.daemon.lifecycle import WorkerState, check_move
+from greentask.daemon.lifecycle import STATE_MOVES, WorkerState, check_move
 
 FREE, BOOTING, READY, RECYCLE, DRAINING = WorkerState
 
@@ -91,7 +91,7 @@ class Slot:
 
     def set_state(self, state: WorkerState) -> None:
         """Move the worker to ``state``; raises ``StateError`` for a move the table forbids."""
-        check_move(self.state, state)
+        check_move(STATE_MOVES, self.state, state, "a worker")
         self._cells[self._base + STATE] = state
 
     def observe(self, seconds: float) -> None:
