@@ -28,7 +28,7 @@ from greentask.registry import Registry
 
 
 class TaskModuleError(GreentaskError):
-    """A ``[worker] tasks`` module does not import."""
+    """A module listed in ``[worker] tasks`` or ``[worker] preload`` does not import."""
 
 
 def import_task_modules(modules: list[str]) -> None:
