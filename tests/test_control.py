@@ -200,3 +200,38 @@ def test_metrics_agree_with_status_and_survive_a_dead_worker(make_daemon):
     with pytest.raises(urllib.error.HTTPError) as info:
         scrape(port, "/other")
     assert info.value.code == 404
+
+
+def test_a_flood_of_connections_to_the_metrics_port_cannot_stop_the_master(make_daemon):
+    import socket as socket_module
+
+    from .conftest import free_port, pid_alive
+    port = free_port()
+    daemon = make_daemon(metrics_bind=f"127.0.0.1:{port}")
+    workers = set(daemon.children())
+    flood = []
+    try:
+        # More than select() can watch (descriptors past 1023), none sending a byte.
+        for _ in range(1100):
+            sock = socket_module.socket()
+            sock.setblocking(False)
+            sock.connect_ex(("127.0.0.1", port))
+            flood.append(sock)
+        wait_until(lambda: greentask("status", "-c", str(daemon.config)).returncode == 0, 20,
+                   "the control socket to answer during the flood")
+    finally:
+        for sock in flood:
+            sock.close()
+    assert pid_alive(daemon.pid) and set(daemon.children()) == workers
+    metrics = wait_until(lambda: _scrape_or_none(port), 30, "a scrape after the flood")
+    assert metrics[("greentask_workers", ())] == 2
+    with TaskClient([daemon.address]) as client:
+        assert client.call("echo", "still") == ["still"]
+    assert "Traceback" not in daemon.log()
+
+
+def _scrape_or_none(port: int) -> dict | None:
+    try:
+        return scrape(port)
+    except OSError:
+        return None

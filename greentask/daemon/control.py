@@ -2,9 +2,9 @@
 
 Theory of operation
 -------------------
-The master has no event loop, only a ``select`` over its wake-up pipe, so the
-control socket is served from that same ``select``
-(:class:`~greentask.daemon.selectserver.OneShotServer`). A client sends one JSON line,
+The master has no event loop, only a ``poll`` over its wake-up pipe, so the
+control socket is served from that same ``poll``
+(:class:`~greentask.daemon.oneshot.OneShotServer`). A client sends one JSON line,
 ``{"command": "status"}``, and gets one JSON line back, then the master closes
 the connection. The socket file has mode 0600: only the master's user (and
 root) can control it, and it is never on the network.
@@ -23,7 +23,7 @@ from typing import Any
 
 import ujson
 
-from greentask.daemon.selectserver import OneShotServer
+from greentask.daemon.oneshot import OneShotServer
 from greentask.errors import GreentaskError
 from greentask.protocol import encode_line
 

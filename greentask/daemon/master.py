@@ -56,8 +56,8 @@ from greentask.daemon.lifecycle import (
 )
 from greentask.daemon.listener import BindError, bind_listener
 from greentask.daemon.logs import reopen_log_files
+from greentask.daemon.oneshot import OneShotServer
 from greentask.daemon.preload import freeze_for_fork, prepare_master
-from greentask.daemon.selectserver import OneShotServer
 from greentask.daemon.taskcode import SavedCode, TaskCode, TaskModuleError
 from greentask.daemon.wakeup import SignalQueue
 from greentask.errors import ConfigError
@@ -69,9 +69,10 @@ log = logging.getLogger("greentask.master")
 # gevent) but has no gevent hub: gevent's fork would start libev child
 # watchers that reap the children before the master does, and its waitpid
 # would wait in a hub. So the master keeps the real calls (wakeup.py does the
-# same for select and signals). Its sockets are bound before patching.
+# same for poll and signals). Its sockets are bound before patching.
 _fork = get_original("os", "fork")
 _waitpid = get_original("os", "waitpid")
+_pause = get_original("time", "sleep")
 
 #: Longest pause of the main loop when nothing wakes it (seconds).
 LOOP_INTERVAL = 0.5
@@ -166,18 +167,29 @@ class Master:
         self.signals.install()
         try:
             while self.workers or not self.stopping:
-                if not self.stopping:
-                    self.manage_workers()
-                self._sleep()
-                for name in self.signals.take():
-                    getattr(self, f"handle_{name}")()
-                self.reap_workers()
-                self.watch_heartbeats()
-                self.murder_workers()
+                try:
+                    self._supervise_once()
+                except Exception:
+                    # Supervision must outlive any one bug: the workers keep
+                    # serving, and the next pass starts from fresh state.
+                    log.exception("master %d: unexpected error in its loop; supervision "
+                                  "goes on", os.getpid())
+                    _pause(LOOP_INTERVAL)
         finally:
             self._close()
         log.info("master %d exits with status %d", os.getpid(), self.exit_code)
         return self.exit_code
+
+    def _supervise_once(self) -> None:
+        """One pass of the main loop."""
+        if not self.stopping:
+            self.manage_workers()
+        self._sleep()
+        for name in self.signals.take():
+            getattr(self, f"handle_{name}")()
+        self.reap_workers()
+        self.watch_heartbeats()
+        self.murder_workers()
 
     def _open(self) -> bool:
         """Write the pidfile, bind the task port, the control socket and metrics."""

@@ -3,8 +3,8 @@
 The numbers come from the same shared-memory scoreboard as ``greentask
 status`` (so the two agree), plus totals the master keeps for workers that
 have exited, so counters never go backwards when a worker is replaced. The
-endpoint is served from the master's ``select`` loop, like the control socket
-(:class:`~greentask.daemon.selectserver.OneShotServer`); workers only time their
+endpoint is served from the master's ``poll`` loop, like the control socket
+(:class:`~greentask.daemon.oneshot.OneShotServer`); workers only time their
 tasks, and only when ``[worker] metrics_bind`` is set.
 """
 
@@ -20,7 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from greentask.daemon import scoreboard
-from greentask.daemon.selectserver import OneShotServer
+from greentask.daemon.oneshot import OneShotServer
 
 #: What a scrape sees: (totals per scoreboard field, per-worker rows, master facts).
 Snapshot = Callable[[], tuple[list[float], list[dict[str, Any]], dict[str, Any]]]

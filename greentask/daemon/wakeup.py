@@ -7,20 +7,23 @@ signals' names with :meth:`SignalQueue.take` and dispatches ``handle_<name>``.
 
 The master is monkey-patched (what it imports for the workers must see
 gevent) but has no gevent hub: gevent's select would start one and its
-signal handlers are only called from one, so these are the real calls.
+signal handlers are only called from one, so these are the real calls. It
+waits with ``poll``, not ``select``: a burst of clients can push descriptors
+past 1023, which ``select`` refuses with an error.
 """
 
 from __future__ import annotations
 
 import os
+import select
 import signal
 from collections.abc import Iterator, Sequence
 
 from gevent.monkey import get_original
 
-from greentask.daemon.selectserver import OneShotServer
+from greentask.daemon.oneshot import OneShotServer
 
-_select = get_original("select", "select")
+_poll = get_original("select", "poll")
 _set_signal_handler = get_original("signal", "signal")
 
 #: The signals the master handles, by the name of their ``handle_<name>``.
@@ -63,10 +66,11 @@ class SignalQueue:
         if self.pending:
             return
         timeout = min(server.timeout(interval) for server in servers)
+        poller = _poll()
+        for fd in (self._read_fd, *(fd for server in servers for fd in server.fds())):
+            poller.register(fd, select.POLLIN)
         try:
-            readable, _, _ = _select(
-                [self._read_fd, *(fd for server in servers for fd in server.fds())], [], [],
-                timeout)
+            readable = {fd for fd, _ in poller.poll(timeout * 1000)}
         except InterruptedError:
             return
         for server in servers:

@@ -1,4 +1,4 @@
-"""Tiny request/response servers for the master's ``select`` loop.
+"""Tiny request/response servers for the master's poll loop.
 
 The master has no event loop and must never block, so its control socket and
 its metrics endpoint are served the same way: listening socket and clients are
@@ -6,18 +6,32 @@ non-blocking; when a client's first line is in, :meth:`OneShotServer.respond`
 turns it into the reply bytes, which are sent at once, and the connection is
 closed. A client that does not finish its line within :data:`CLIENT_DEADLINE`
 seconds is dropped, so a stuck client cannot hold up supervision.
+
+Nothing a client does may stop the master: each server holds at most
+:data:`MAX_CLIENTS` clients (more wait in the listen backlog, which the
+kernel bounds), a failed accept (out of descriptors) pauses accepting for a
+moment instead of spinning, and an error while answering drops that client
+only.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 import socket
 import time
+
+log = logging.getLogger("greentask.master")
 
 #: Seconds a client has to send its request line.
 CLIENT_DEADLINE = 2.0
 #: Longest request line accepted.
 MAX_REQUEST = 4096
+#: Clients one server holds at once; the next wait in the listen backlog.
+MAX_CLIENTS = 64
+#: How long accepting pauses after the process ran out of descriptors (seconds).
+ACCEPT_PAUSE = 0.5
 
 
 class OneShotServer:
@@ -27,40 +41,64 @@ class OneShotServer:
         self.listener = listener
         self.listener.setblocking(False)
         self._clients: dict[int, tuple[socket.socket, bytearray, float]] = {}
+        #: Accepting resumes at this time (after running out of descriptors).
+        self._accept_at = 0.0
 
     def respond(self, line: bytes) -> bytes:
         """The reply to a request line (subclasses)."""
         raise NotImplementedError
 
+    def _accepting(self, now: float) -> bool:
+        return len(self._clients) < MAX_CLIENTS and now >= self._accept_at
+
     def fds(self) -> list[int]:
-        """Descriptors the master's ``select`` should watch for reading."""
-        return [self.listener.fileno(), *self._clients]
+        """Descriptors the master's poll should watch for reading."""
+        if self._accepting(time.monotonic()):
+            return [self.listener.fileno(), *self._clients]
+        return list(self._clients)
 
     def timeout(self, longest: float) -> float:
         """How long the master may sleep before a client's deadline passes."""
-        if not self._clients:
+        wake = [deadline for _, _, deadline in self._clients.values()]
+        if self._accept_at:
+            wake.append(self._accept_at)
+        if not wake:
             return longest
-        first = min(deadline for _, _, deadline in self._clients.values())
-        return max(0.0, min(longest, first - time.monotonic()))
+        return max(0.0, min(longest, min(wake) - time.monotonic()))
 
-    def serve(self, readable: list[int]) -> None:
+    def serve(self, readable: set[int]) -> None:
         """Accept and answer whatever is ready; drop clients past their deadline."""
         if self.listener.fileno() in readable:
             self._accept()
         for fd in readable:
             if fd in self._clients:
-                self._read(fd)
+                try:
+                    self._read(fd)
+                except Exception:
+                    log.exception("%s: error while answering a client; it is dropped, "
+                                  "the master goes on", type(self).__name__)
+                    if fd in self._clients:
+                        self._drop(fd)
         now = time.monotonic()
         for fd, (_, _, deadline) in list(self._clients.items()):
             if now > deadline:
                 self._drop(fd)
 
     def _accept(self) -> None:
-        while True:
+        while len(self._clients) < MAX_CLIENTS:
             try:
                 fd, _ = self.listener._accept()
             except (BlockingIOError, InterruptedError):
                 return
+            except OSError as exc:
+                # Out of descriptors (EMFILE, ENFILE) or memory: the listener
+                # stays readable, so pause instead of waking at once again.
+                self._accept_at = time.monotonic() + ACCEPT_PAUSE
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    log.warning("%s: cannot accept (%s); raise the master's descriptor limit "
+                                "(ulimit -n) if this lasts", type(self).__name__, exc.strerror)
+                return
+            self._accept_at = 0.0
             # Not accept(): in the monkey-patched master it makes gevent
             # sockets, whose creation starts a hub. Same class as the listener.
             sock = type(self.listener)(self.listener.family, self.listener.type,
