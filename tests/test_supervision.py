@@ -111,6 +111,26 @@ def test_hung_worker_is_killed_and_replaced(make_daemon):
     assert "Fatal Python error: Aborted" in log  # faulthandler's traceback of the hog
 
 
+def test_workers_killed_from_outside_just_after_they_serve_do_not_stop_the_master(
+        make_daemon):
+    import os
+    daemon = make_daemon()
+    killed: set[int] = set()
+    for _ in range(12):  # more than the 10 failed starts that stop the master
+        def fresh_serving() -> int | None:
+            log = daemon.log()
+            return next((pid for pid in daemon.children()
+                         if pid not in killed and f" worker {pid} serving" in log), None)
+        victim = wait_until(fresh_serving, 15, "a worker that serves")
+        os.kill(victim, signal.SIGKILL)  # as the OOM killer would, however young
+        killed.add(victim)
+    daemon.wait_for_children(2, 15, exclude=killed)
+    assert daemon.proc.poll() is None
+    with TaskClient([daemon.address]) as client:
+        assert client.call("echo", "alive") == ["alive"]
+    assert "stopping instead of looping" not in daemon.log()
+
+
 def test_max_tasks_per_child_replaces_workers_without_failing_a_call(make_daemon):
     daemon = make_daemon(max_tasks_per_child=100, max_tasks_jitter=10)
     seen = set()

@@ -82,11 +82,10 @@ KILL_MARGIN = 2.0
 FAST_STOP_TIMEOUT = 2.0
 #: After SIGABRT, how long a hung child gets to dump its traceback before SIGKILL.
 ABORT_GRACE = 1.0
-#: A child that dies younger than this counts as a failed start (seconds).
-YOUNG_DEATH = 1.0
-#: Children in a row that may die young before the master gives up (status 3).
-MAX_YOUNG_DEATHS = 10
-#: Longest wait before restarting a child that keeps dying young (seconds).
+#: Children in a row that may die before they ever serve, before the master
+#: gives up (status 3).
+MAX_FAILED_STARTS = 10
+#: Longest wait before restarting a child that keeps dying before it serves (seconds).
 MAX_RESPAWN_DELAY = 5.0
 #: Worker slots in the scoreboard: the most children alive at once, old and new.
 SCOREBOARD_SLOTS = 1024
@@ -125,7 +124,7 @@ class Master:
         self.reload: ReloadInFlight | None = None
         self.signals = SignalQueue()
         self._stop_deadline: float | None = None
-        self._young_deaths = 0
+        self._failed_starts = 0
         self._respawn_at = 0.0
         self._numbers = 0
         self._started_at = time.monotonic()
@@ -332,10 +331,14 @@ class Master:
             worker = self.workers.pop(pid, None)
             if worker is None:
                 continue
+            # Read before the slot is freed: a child that reached READY served.
+            served = self.board.slot(worker.slot_index).state not in (
+                scoreboard.BOOTING, scoreboard.FREE)
             self.census.bury(worker)
-            self._note_death(worker, os.waitstatus_to_exitcode(status))
+            self._note_death(worker, os.waitstatus_to_exitcode(status), served)
 
-    def _note_death(self, worker: WorkerProcess, code: int) -> None:
+    def _note_death(self, worker: WorkerProcess, code: int, served: bool) -> None:
+        """Count and log a child's death; stop if children keep failing to start."""
         how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
         if not self.stopping:
             self.census.restarts[worker.retire_cause or (
@@ -347,21 +350,23 @@ class Master:
         if code == EXIT_BOOT_ERROR:
             self._handle_boot_error(worker)
             return
-        if time.monotonic() - worker.started_at >= YOUNG_DEATH:
-            self._young_deaths = 0
+        if served:
+            # However young: a child that served was killed by something else
+            # (the OOM killer, an operator), not by its own start.
+            self._failed_starts = 0
             log.warning("worker %d %s; starting a new one", worker.pid, how)
             return
-        self._young_deaths += 1
-        if self._young_deaths >= MAX_YOUNG_DEATHS:
-            log.error("worker %d %s, and the last %d workers all died within %g s of "
-                      "starting; stopping instead of looping. See the errors above",
-                      worker.pid, how, self._young_deaths, YOUNG_DEATH)
+        self._failed_starts += 1
+        if self._failed_starts >= MAX_FAILED_STARTS:
+            log.error("worker %d %s, and the last %d workers all died before they served; "
+                      "stopping instead of looping. See the errors above", worker.pid, how,
+                      self._failed_starts)
             self.exit_code = EXIT_BOOT_ERROR
             self.handle_quit()
             return
-        delay = min(0.1 * 2 ** self._young_deaths, MAX_RESPAWN_DELAY)
+        delay = min(0.1 * 2 ** self._failed_starts, MAX_RESPAWN_DELAY)
         self._respawn_at = time.monotonic() + delay
-        log.warning("worker %d %s soon after starting; starting a new one in %.1f s",
+        log.warning("worker %d %s before it served; starting a new one in %.1f s",
                     worker.pid, how, delay)
 
     def _handle_boot_error(self, worker: WorkerProcess) -> None:
