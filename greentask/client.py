@@ -43,6 +43,7 @@ from greentask.errors import (
     GreentaskError,
     ShuttingDown,
     TaskTimeout,
+    Unauthorized,
     WorkerLost,
 )
 from greentask.protocol import LineDecoder, Reply, encode_hello, encode_request, parse_reply
@@ -170,6 +171,8 @@ class _Connection:
         self.draining = False
         #: Why the connection ended, once it has.
         self.closed_because = ""
+        #: The server's Unauthorized, once it refused this connection's token.
+        self._refusal: Unauthorized | None = None
         self._pending: dict[int, TaskHandle] = {}
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -185,8 +188,11 @@ class _Connection:
     def send(self, handle: TaskHandle) -> None:
         """Write ``handle``'s request; raises :class:`_SendFailed` when it was not."""
         with self._lock:
-            if not self.alive:
-                raise _SendFailed(self.closed_because)
+            if not self.alive or self.draining:
+                # Checked under the lock the close is decided under: a request
+                # is either pending before the close, or never written here.
+                raise _SendFailed(self.closed_because or "the server is closing this "
+                                  "connection")
             request_id = next(self._ids)
             line = encode_request(handle.function, handle.args, request_id,
                                   progress=handle.on_progress is not None,
@@ -263,6 +269,12 @@ class _Connection:
             return
         if reply.kind == "result":
             handle._resolve(reply.value)
+        elif isinstance(reply.value, Unauthorized):
+            # The server runs nothing before a good token, and closes: every
+            # request of this connection gets the same answer.
+            self._refusal = reply.value
+            self.draining = True
+            handle._resolve(error=reply.value)
         elif isinstance(reply.value, ShuttingDown):
             # The task did not run: send nothing more here.
             self.draining = True
@@ -274,9 +286,8 @@ class _Connection:
 
     def _close_if_done(self) -> None:
         with self._lock:
-            done = not self._pending
-        if done:
-            self.close()
+            if not self._pending:
+                self.close()
 
     def _fail_pending(self, reason: str, refused: bool = False) -> None:
         with self._lock:
@@ -285,6 +296,10 @@ class _Connection:
             lost = list(self._pending.values())
             self._pending.clear()
         self.sock.close()
+        if self._refusal is not None:
+            for handle in lost:
+                handle._resolve(error=Unauthorized(str(self._refusal)))
+            return
         cause = Unanswered.REFUSED if refused else Unanswered.LOST
         for handle in lost:
             self._give_back(handle, cause, reason)
