@@ -34,6 +34,8 @@ RequestId = int | str | None
 DEFAULT_MAX_LINE = 1024 * 1024
 #: Default deepest nesting of arrays and objects in a request, the request object included.
 DEFAULT_MAX_DEPTH = 64
+#: Default most reply bytes a server queues for a peer that does not read them.
+DEFAULT_MAX_QUEUED = 16 * 1024 * 1024
 
 #: Exact types of the common request's fields (ujson makes no subclasses).
 _ARGS_TYPES = (list, dict, type(None))

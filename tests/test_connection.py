@@ -132,9 +132,12 @@ def test_a_token_is_checked_before_any_request(make_server, tmp_path):
     good.send({"auth": "s3cret-token-of-enough-length"}, {"function": "echo", "args": [1]})
     assert good.read() == {"ok": True, "result": 1}
     bad = Peer(port_of(server))
-    bad.send({"auth": "wrong"}, {"function": "echo", "args": [1]})
+    bad.send({"auth": "wrong"}, {"function": "echo", "args": [1], "id": 7})
     assert bad.read()["error"]["type"] == "Unauthorized"
-    assert bad.read() is None  # closed, the request after the bad token unread
+    # The request read with the bad token is answered (not run), then the end.
+    refused = bad.read()
+    assert refused["id"] == 7 and refused["error"]["type"] == "Unauthorized"
+    assert bad.read() is None
 
 
 def test_an_idle_pipelining_peer_is_asked_to_close_then_closed(make_server):
@@ -190,8 +193,7 @@ def test_a_phase_moves_only_forward(make_server):
     peer.send({"function": "echo", "args": [1]})
     assert peer.read()["ok"]
     connection = only_connection(server)
-    connection.stop_reading(socket.SHUT_RD)
-    connection._enter(Phase.CLOSING)
+    connection._close()
     with pytest.raises(StateError, match="cannot move from closing to open"):
         connection._enter(Phase.OPEN)
 
@@ -233,3 +235,91 @@ def test_tasks_start_in_greenlets_as_shallow_as_the_hubs(make_server):
     runner.spawn(runner._run, Request("room", [], 0), stack_room, owner)
     green_wait(lambda: owner.finished, 5, "the reference task")
     assert min(rooms) >= owner.final(0)["result"] - 2, (sorted(rooms), owner.lines)
+
+
+def test_a_drain_tells_a_peer_that_sent_nothing_yet_and_answers_what_it_sends(make_server):
+    # The reload race: a client's fresh connection lands on a worker that
+    # drains before the client wrote anything. It must be told, not reset.
+    server = make_server(closing_grace="30")
+    peer = Peer(port_of(server))
+    connection = only_connection(server)
+    server.stop_gracefully()
+    assert peer.read() == {"closing": True}
+    assert connection.phase is Phase.ASKED_TO_CLOSE
+    peer.send(*({"function": "echo", "args": [i], "id": i} for i in range(3)))
+    replies = [peer.read() for _ in range(3)]
+    assert [(r["id"], r["error"]["type"]) for r in replies] == [(i, "ShuttingDown")
+                                                                   for i in range(3)]
+    peer.close()
+    green_wait(lambda: server._stopped.is_set(), 5, "the drain to end once the peer closed")
+
+
+def test_a_drain_closes_a_told_peer_that_keeps_its_idle_socket_after_closing_grace(
+        make_server):
+    server = make_server(graceful_timeout="30", closing_grace="0.2")
+    peer = Peer(port_of(server))
+    peer.send({"function": "echo", "args": [1], "id": 1})
+    assert peer.read()["ok"]
+    started = time.monotonic()
+    server.stop_gracefully()
+    assert peer.read() == {"closing": True}
+    assert peer.read() is None  # a clean end of stream, not a reset
+    green_wait(lambda: server._stopped.is_set(), 5, "the drain to end")
+    assert time.monotonic() - started < 10  # closing_grace, not graceful_timeout
+
+
+def test_a_drain_answers_every_line_an_id_less_peer_already_sent(make_server):
+    server = make_server()
+    peer = Peer(port_of(server))
+    # One read holds all three lines; the first runs while the drain starts.
+    peer.send({"function": "hold"}, {"function": "echo", "args": [1]},
+              {"function": "echo", "args": [2]})
+    green_wait(lambda: server.runner.running, 5, "the task")
+    server.stop_gracefully()
+    gevent.sleep(0.05)
+    RELEASE.set()
+    assert peer.read() == {"ok": True, "result": True}
+    assert [peer.read()["error"]["type"] for _ in range(2)] == ["ShuttingDown"] * 2
+    assert peer.read() is None
+    green_wait(lambda: server._stopped.is_set(), 5, "the drain to end")
+
+
+def flood_without_reading(server: ProcessServer, requests: int) -> tuple[Connection, Any]:
+    """A peer that sends ``requests`` 60 KB echoes and reads none of the replies."""
+    peer = Peer(port_of(server))
+    peer.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    big = "x" * 60_000
+    sender = gevent.spawn(peer.send, *({"function": "echo", "args": [big], "id": i}
+                                       for i in range(requests)))
+    return only_connection(server), sender
+
+
+def test_a_peer_that_never_reads_is_cut_off_at_max_queued_replies(make_server):
+    server = make_server(max_queued_replies="512KiB")
+    connection, sender = flood_without_reading(server, 400)
+    largest = 0
+    deadline = time.monotonic() + 10
+    while server.connections and time.monotonic() < deadline:
+        largest = max(largest, connection.writer.size)
+        gevent.sleep(0.001)
+    assert not server.connections, "the connection should have been cut off"
+    assert connection.writer.cut_off_reason and "max_queued_replies" in \
+        connection.writer.cut_off_reason
+    assert largest <= 512 * 1024 + 70_000  # the bound, plus at most one reply
+    sender.kill()
+
+
+def test_a_closing_peer_that_stops_reading_is_still_cut_off(make_server):
+    # A connection being closed (slowloris, idleness, a drain) whose reader
+    # waits for its writer: the stalled-writer rule must still end it.
+    server = make_server(max_queued_replies="64MiB")
+    connection, sender = flood_without_reading(server, 600)
+    green_wait(lambda: not connection.writer.writable.is_set(), 10, "the writer to stall")
+    connection._close_with("a request line stayed incomplete")
+    assert connection.phase is Phase.CLOSING
+    gevent.sleep(0.05)
+    assert server.connections  # still there: its replies wait for the peer
+    connection.check_idle(time.monotonic() + 200, limit=1)
+    green_wait(lambda: not server.connections, 5, "the stalled peer to be cut off")
+    assert "idle_timeout" in connection.writer.cut_off_reason
+    sender.kill()

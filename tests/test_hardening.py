@@ -41,11 +41,30 @@ def test_requests_without_the_token_are_refused_and_the_connection_closed(secure
     reply = conn.read_json()
     assert reply["error"]["type"] == "Unauthorized"
     assert '{"auth": TOKEN}' in reply["error"]["message"]
-    assert conn.at_eof()  # and the second request was not run either
+    # The second request was read with the first: answered, and not run either.
+    second = conn.read_json()
+    assert second["id"] == 2 and second["error"]["type"] == "Unauthorized"
+    assert conn.at_eof()
     wrong = connect(secured.port)
     wrong.send(b'{"auth": "guess"}\n{"function": "pid"}\n')
     assert wrong.read_json()["error"]["type"] == "Unauthorized"
+    assert wrong.read_json()["error"]["type"] == "Unauthorized"
     assert wrong.at_eof()
+
+
+def test_a_wrong_token_fails_every_concurrent_call_with_unauthorized(secured):
+    # Not WorkerLost: the server runs nothing before the token, and lingers
+    # when it closes, so no request is reset.
+    with TaskClient([secured.address], auth_token="wrong-token-of-some-length") as client:
+        handles = [client.submit("echo", i) for i in range(5)]
+        outcomes = []
+        for handle in handles:
+            try:
+                handle.get(timeout=10)
+                outcomes.append("ok")
+            except Exception as exc:
+                outcomes.append(type(exc).__name__)
+    assert outcomes == ["Unauthorized"] * 5
 
 
 def test_the_right_token_opens_the_connection(secured, connect):

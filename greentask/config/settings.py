@@ -38,7 +38,7 @@ from greentask.config.converters import (
     to_text,
     to_uid,
 )
-from greentask.protocol import DEFAULT_MAX_DEPTH, DEFAULT_MAX_LINE
+from greentask.protocol import DEFAULT_MAX_DEPTH, DEFAULT_MAX_LINE, DEFAULT_MAX_QUEUED
 
 #: Prefix of the environment variables that override settings.
 ENV_PREFIX = "GREENTASK_"
@@ -115,6 +115,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("worker", "idle_timeout", "300", to_seconds,
             "A connection with no task running that sends nothing, or half a line, for "
             "this long is closed (pipelining peers are told first)."),
+    Setting("worker", "max_queued_replies", f"{DEFAULT_MAX_QUEUED >> 20}MiB", to_size,
+            "Reply bytes queued for one connection whose peer does not read them: past a "
+            "quarter of it the server stops reading that connection, past all of it the "
+            "peer is cut off and its replies dropped. Bounds the memory of one connection."),
     Setting("worker", "max_inflight_per_connection", "1000", to_positive_int,
             "Tasks one connection may have running; past it the server stops reading that "
             "connection until one finishes."),
@@ -122,6 +126,9 @@ SETTINGS: tuple[Setting, ...] = (
             "Longest run of one task; a request's own timeout can only shorten it."),
     Setting("worker", "graceful_timeout", "30", to_seconds,
             "On SIGTERM, how long in-flight tasks may run before their process is killed."),
+    Setting("worker", "closing_grace", "2", to_seconds,
+            "During a stop or reload, how long a peer told {\"closing\": true} with "
+            "nothing in flight may keep its connection before the worker closes it."),
     Setting("worker", "heartbeat_timeout", "30", to_seconds,
             "A worker whose event loop has not run for this long (a task that computes "
             "without yielding) is killed (SIGABRT, then SIGKILL) and replaced."),

@@ -12,9 +12,21 @@ the replies back through :meth:`Connection.send` and calls
 reader waits (backpressure).
 
 Replies go through the connection's :class:`~greentask.daemon.writer.ReplyWriter`;
-a peer that does not read them blocks only its own writer, and past
-:data:`greentask.daemon.writer.OUTBOX_HIGH_WATER` its reader stops reading. Sockets
-have no timeouts: the worker's heartbeat calls :meth:`Connection.check_idle`.
+a peer that does not read them blocks only its own writer: past a quarter of
+``[worker] max_queued_replies`` its reader stops reading, past all of it the
+peer is cut off. Sockets have no timeouts: the worker's heartbeat calls
+:meth:`Connection.check_idle`, and a drain :meth:`Connection.begin_drain` and
+:meth:`Connection.check_drain`.
+
+The rule that makes a close safe for every peer: a connection is closed
+(by the server, on purpose) only once every request line it has read is
+answered. Lines still in the same read get an error (``ShuttingDown``, or
+``Unauthorized`` after a bad token); lines the reader never read are never
+run, and the peer sees end of stream before their reply: :func:`linger`
+sends FIN and discards them, so no reset destroys the replies just sent.
+The reader is never stopped with ``shutdown(SHUT_RD)`` (a later close with
+unread input would reset): when it waits for input or for its writer, it is
+woken with :class:`StopReading` instead.
 
 A connection is in one :class:`Phase` at a time, changed only by
 :meth:`Connection._enter`, which checks the move against :data:`PHASE_MOVES`
@@ -32,14 +44,15 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import gevent
-import gevent.socket
+import greenlet
 from gevent.event import Event
 
 from greentask.daemon.lifecycle import check_move
 from greentask.daemon.runner import TaskRunner
-from greentask.daemon.writer import ReplyWriter
+from greentask.daemon.writer import ReplyWriter, shutdown_socket
 from greentask.errors import BadRequest, RemoteError, ShuttingDown, TaskTimeout, Unauthorized
 from greentask.protocol import (
+    DEFAULT_MAX_QUEUED,
     LineDecoder,
     encode_closing,
     encode_error,
@@ -55,6 +68,10 @@ RECV_SIZE = 64 * 1024
 LINGER_SECONDS = 2.0
 #: After telling an idle pipelining peer to close, how long to wait for it (seconds).
 IDLE_GRACE = 10.0
+
+
+class StopReading(Exception):
+    """Thrown into a reader waiting for input or for its writer: the connection closes."""
 
 
 class Phase(enum.Enum):
@@ -88,13 +105,16 @@ class ConnectionLimits:
     max_inflight: int
     #: The shared token a peer must send first, or None.
     auth_token: bytes | None = None
+    #: Unsent reply bytes past which a peer that reads nothing is cut off.
+    max_queued: int = DEFAULT_MAX_QUEUED
 
     @classmethod
     def from_settings(cls, settings: Any) -> ConnectionLimits:
         """The limits of a ``config.worker`` section."""
         token = settings.auth_token_file
         return cls(settings.max_line, settings.max_json_depth,
-                   settings.max_inflight_per_connection, token.encode() if token else None)
+                   settings.max_inflight_per_connection, token.encode() if token else None,
+                   settings.max_queued_replies)
 
 
 class Admission(Protocol):
@@ -106,16 +126,6 @@ class Admission(Protocol):
 
     def note_refused(self, peer: str, reason: str) -> None:
         """Count (and log, now and then) a peer refused for ``reason``."""
-
-
-def shutdown_socket(sock: socket.socket, how: int) -> None:
-    """Shut down one direction of ``sock``, keeping its TLS layer (if any) in place."""
-    # SSLSocket.shutdown drops the TLS object, so replies still queued would
-    # go out in clear text: call the plain socket's method.
-    try:
-        gevent.socket.socket.shutdown(sock, how)
-    except OSError:
-        pass
 
 
 def linger(sock: socket.socket) -> None:
@@ -150,11 +160,17 @@ class Connection:
         #: True once the peer sent a request with an id: it pipelines, and is
         #: told before the connection closes.
         self.uses_ids = False
+        #: True once the peer sent any request line.
+        self.sent_requests = False
+        #: What a line read after the connection began closing is answered with.
+        self._refusal: RemoteError = ShuttingDown(
+            "this connection is closing; the request was not run, send it again on a new "
+            "connection")
         #: Since when the decoder holds part of a line (None: no partial line).
         self._partial_since: float | None = None
         self.last_active = time.monotonic()
         self.decoder = LineDecoder(limits.max_line)
-        self.writer = ReplyWriter(sock)
+        self.writer = ReplyWriter(sock, limits.max_queued)
         self.send = self.writer.send
         #: Tasks of this connection that have not finished.
         self.inflight = 0
@@ -162,6 +178,12 @@ class Connection:
         self._below_limit.set()
         self._idle = Event()
         self._idle.set()
+        #: The reader greenlet, and whether it is waiting for input or its writer
+        #: (the only places it may be woken with StopReading).
+        self._reader: greenlet.greenlet | None = None
+        self._parked = False
+        #: True once the peer ended its side (end of stream or a reset).
+        self._peer_done = False
         # Bound once: the per-request path below is the hot one.
         self._lookup = runner.registry.lookup
         self._submit = runner.submit
@@ -176,28 +198,72 @@ class Connection:
 
     def serve(self) -> None:
         """Run until the peer closes (or half-closes) and every reply is sent."""
+        self._reader = greenlet.getcurrent()
         try:
             self._read_loop()
+        except StopReading:
+            pass
         finally:
+            self._parked = False
             # A peer that half-closed after sending still gets its replies.
             self._idle.wait()
             self.writer.wait_flushed()
-            if self.writer.dropped:
+            if self.writer.cut_off_reason:
+                log.warning("connection from %s cut off, its peer does not read: %s; %d "
+                            "replies dropped", self.peer, self.writer.cut_off_reason,
+                            self.writer.dropped)
+            elif self.writer.dropped:
                 log.info("%d repl%s to %s dropped: the peer closed before reading them",
                          self.writer.dropped, "y" if self.writer.dropped == 1 else "ies",
                          self.peer)
-            if self.decoder.too_large:
+            if not self._peer_done and not self.writer.broken:
+                # Closed on purpose, the peer perhaps still sending: FIN after
+                # the replies, and its unread lines discarded, never reset.
                 linger(self.sock)
 
-    def stop_reading(self, how: int = socket.SHUT_RD) -> None:
-        """Make the reader see end of input (a drain, an idle peer)."""
-        shutdown_socket(self.sock, how)
+    def _close(self, now: float | None = None) -> None:
+        """Read no more; the replies go out, then the connection closes (with a linger)."""
+        if self.phase is Phase.CLOSING:
+            return
+        self._enter(Phase.CLOSING, now)
+        if self._parked:
+            gevent.get_hub().loop.run_callback(self._wake_reader)
+
+    def _wake_reader(self) -> None:
+        # Runs in the hub. Parked means suspended inside its wait for input or
+        # its writer, so the throw lands there, never inside a task.
+        if self._parked and self._reader is not None:
+            self._reader.throw(StopReading())
 
     def ask_to_close(self, now: float | None = None) -> None:
         """Tell a pipelining peer to close once its replies are in (a drain, idleness)."""
         if self.phase is Phase.OPEN:
             self._enter(Phase.ASKED_TO_CLOSE, now)
             self.send(encode_closing())
+
+    def begin_drain(self, now: float) -> None:
+        """The process stops: tell the peer, or close once its one request is answered.
+
+        A peer that used ids, or has sent nothing yet (it may be about to
+        pipeline), is told ``closing``; an id-less peer is closed after its
+        request in progress; one that has not sent its token is closed.
+        """
+        if self.phase is Phase.HELLO:
+            self._close(now)
+        elif self.uses_ids or not self.sent_requests:
+            self.ask_to_close(now)
+        else:
+            self._close(now)
+
+    def check_drain(self, now: float, grace: float) -> None:
+        """During a drain: close a peer told ``closing`` ``grace`` s ago with nothing left."""
+        if self.phase is Phase.ASKED_TO_CLOSE and not self.inflight and \
+                not self.writer.busy and now - self.phase_since >= grace:
+            self._close(now)
+
+    def close_now(self) -> None:
+        """The drain ran out of time: close whatever this peer is doing."""
+        self._close()
 
     def task_finished(self) -> None:
         """The runner finished one of this connection's tasks (its reply is queued)."""
@@ -210,21 +276,26 @@ class Connection:
     def _read_loop(self) -> None:
         writer = self.writer
         writable = writer.writable
+        recv = self.sock.recv
         while self.phase is not Phase.CLOSING and not writer.broken:
-            writable.wait()
+            self._parked = True
             try:
-                data = self.sock.recv(RECV_SIZE)
+                writable.wait()
+                data = recv(RECV_SIZE)
             except OSError:
+                self._peer_done = True
                 return
+            finally:
+                self._parked = False
             if not data:
+                self._peer_done = True
                 return
             self.last_active = time.monotonic()
             for line in self.decoder.feed(data):
-                if self.phase is Phase.CLOSING:
-                    break
                 self._handle_line(line)
             if self.decoder.too_large:
                 self.send(encode_error(None, self.decoder.too_large_error()))
+                self._enter(Phase.CLOSING)
                 return
             if not self.decoder.buffered:
                 self._partial_since = None
@@ -234,20 +305,23 @@ class Connection:
     def check_idle(self, now: float, limit: float) -> None:
         """Close a peer that stalls (every heartbeat; sockets themselves have no timeout).
 
-        Half a line kept past ``limit`` (slowloris) or silence past ``limit``
-        with nothing running closes the connection; a pipelining peer is
-        asked to close first. A peer that reads none of its replies for
-        ``limit`` is cut off.
+        A peer that reads none of its replies for ``limit`` is cut off,
+        whatever the connection is doing. Half a line kept past ``limit``
+        (slowloris) or silence past ``limit`` with nothing running closes
+        the connection; a pipelining peer is asked to close first.
         """
+        writer = self.writer
+        if writer.busy and now - writer.last_progress > limit:
+            writer.cut_off(f"it took none of its replies for {limit:g} s ([worker] "
+                           "idle_timeout)")
+            self._close(now)
+            return
         if self.phase is Phase.CLOSING:
             return
         if self._partial_since is not None and now - self._partial_since > limit:
             self._close_with(f"a request line stayed incomplete for more than {limit:g} s "
                              "([worker] idle_timeout); the connection is closed")
-        elif self.writer.busy and now - self.writer.last_progress > limit:
-            self._enter(Phase.CLOSING)
-            self.stop_reading(socket.SHUT_RDWR)  # the writer fails; replies are dropped
-        elif self.inflight or self.writer.busy or now - self.last_active <= limit:
+        elif self.inflight or writer.busy or now - self.last_active <= limit:
             return
         elif not self.uses_ids:
             self._close_with(f"no complete request for {limit:g} s ([worker] idle_timeout); "
@@ -257,18 +331,21 @@ class Connection:
             # so no request of its is in flight when the connection goes.
             self.ask_to_close(now)
         elif now - self.phase_since > IDLE_GRACE:
-            self._close_with(None)
+            self._close(now)
 
-    def _close_with(self, message: str | None) -> None:
-        if message is not None:
-            self.send(encode_error(None, TaskTimeout(message)))
-        self._enter(Phase.CLOSING)
-        self.stop_reading()  # the reader sees the end; replies go out, then it closes
+    def _close_with(self, message: str) -> None:
+        self.send(encode_error(None, TaskTimeout(message)))
+        self._close()
 
     def _handle_line(self, line: bytes) -> None:
-        if self.phase is Phase.HELLO:
-            self._authenticate(line)
+        phase = self.phase
+        if phase is not Phase.OPEN and phase is not Phase.ASKED_TO_CLOSE:
+            if phase is Phase.HELLO:
+                self._authenticate(line)
+            else:
+                self._refuse(line)
             return
+        self.sent_requests = True
         try:
             request = parse_request(line, self._max_depth)
         except BadRequest as exc:
@@ -293,6 +370,14 @@ class Connection:
         self._idle.clear()
         self._submit(request, function, self)
 
+    def _refuse(self, line: bytes) -> None:
+        """Answer a line read after the connection began closing: it is not run."""
+        try:
+            request_id = parse_request(line, self._max_depth).id
+        except BadRequest as exc:
+            request_id = exc.request_id
+        self.send(encode_error(request_id, self._refusal))
+
     def _authenticate(self, line: bytes) -> None:
         token = parse_hello(line)
         expected = self.limits.auth_token
@@ -301,8 +386,9 @@ class Connection:
             self._enter(Phase.OPEN)
             return
         self.admission.note_refused(self.peer, "no token, or the wrong one")
-        self.send(encode_error(None, Unauthorized(
+        self._refusal = Unauthorized(
             'this server requires a token: send {"auth": TOKEN} as the first line '
             "(TaskClient(auth_token=...), or [gateway] auth_token_file); the connection is "
-            "closed")))
-        self._enter(Phase.CLOSING)
+            "closed")
+        self.send(encode_error(None, self._refusal))
+        self._close()

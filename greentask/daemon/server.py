@@ -9,10 +9,11 @@ greenlet reuse, deadlines and outcome counting. This module does what is
 process-wide: admission (the open-socket cap, TLS), the heartbeat, recycling
 and the drain.
 
-On SIGTERM the process stops accepting, tells pipelining peers it is closing
-(``{"closing": true}``), answers new requests with ``ShuttingDown``, lets
-in-flight tasks finish within ``graceful_timeout``, waits (within the same
-bound) for those peers to close, and exits. SIGINT and SIGQUIT exit at once.
+On SIGTERM the process stops accepting, tells pipelining peers (and those
+that sent nothing yet) it is closing (``{"closing": true}``), answers new
+requests with ``ShuttingDown``, lets in-flight tasks finish within
+``graceful_timeout``, gives those peers ``closing_grace`` to close (then
+closes them), and exits. SIGINT and SIGQUIT exit at once.
 The process beats a heartbeat and keeps its counters in its scoreboard slot
 (:mod:`greentask.daemon.scoreboard`); the master reads them.
 
@@ -235,28 +236,33 @@ class ProcessServer:
 
     def _drain(self) -> None:
         self.server.close()
-        grace = self.config.worker.graceful_timeout
+        settings = self.config.worker
+        grace = settings.graceful_timeout
         deadline = time.monotonic() + grace
         runner = self.runner
         log.info("worker %d draining %d task(s), up to %g s", os.getpid(), len(runner.running),
                  grace)
-        # Pipelining peers are told, and close once their replies are in: a
-        # request they send meanwhile is answered (ShuttingDown), never lost.
+        # Pipelining peers (and those that sent nothing yet) are told, and
+        # close once their replies are in: a request they send meanwhile is
+        # answered (ShuttingDown), never lost. Id-less peers are closed once
+        # their request is answered.
+        now = time.monotonic()
         for connection in list(self.connections):
-            if connection.uses_ids:
-                connection.ask_to_close()
+            connection.begin_drain(now)
         if not runner.wait_idle(grace):
             log.warning("worker %d: %d task(s) still running after %g s; killing them",
                         os.getpid(), len(runner.running), grace)
             runner.kill_all()
         runner.kill_idle()
-        for connection in list(self.connections):
-            if not connection.uses_ids:
-                connection.stop_reading()
+        # A peer told closing that keeps its idle socket open is closed after
+        # closing_grace: the stop ends when the work is done, not at the deadline.
         while self.connections and time.monotonic() < deadline:
+            now = time.monotonic()
+            for connection in list(self.connections):
+                connection.check_drain(now, settings.closing_grace)
             gevent.sleep(DRAIN_POLL_INTERVAL)
         for connection in list(self.connections):
-            connection.stop_reading()
+            connection.close_now()
         self.server.stop(timeout=1.0)
         self._stopped.set()
 

@@ -18,22 +18,42 @@ import ssl
 import time
 
 import gevent
+import gevent.socket
 from gevent.event import Event
+
+from greentask.protocol import DEFAULT_MAX_QUEUED
 
 log = logging.getLogger("greentask.worker")
 
-#: Unsent reply bytes at which a connection stops reading requests, until its
-#: peer reads its replies.
-OUTBOX_HIGH_WATER = 4 * 1024 * 1024
+
+
+def shutdown_socket(sock: socket.socket, how: int) -> None:
+    """Shut down one direction of ``sock``, keeping its TLS layer (if any) in place."""
+    # SSLSocket.shutdown drops the TLS object, so replies still queued would
+    # go out in clear text: call the plain socket's method.
+    try:
+        gevent.socket.socket.shutdown(sock, how)
+    except OSError:
+        pass
 
 
 class ReplyWriter:
-    """Queue reply lines for one socket and send them in batches."""
+    """Queue reply lines for one socket and send them in batches.
 
-    def __init__(self, sock: socket.socket) -> None:
+    Past a quarter of ``max_queued`` unsent bytes :attr:`writable` is cleared
+    (its connection stops reading requests); past ``max_queued`` itself the
+    peer, which reads none of them, is cut off: the socket is shut down and
+    every queued reply dropped, so one peer's memory stays bounded.
+    """
+
+    def __init__(self, sock: socket.socket, max_queued: int = DEFAULT_MAX_QUEUED) -> None:
         self.sock = sock
         self.broken = False
-        #: Unsent bytes; the reader stops reading above OUTBOX_HIGH_WATER.
+        #: Why the peer was cut off for not reading (see the class), or None.
+        self.cut_off_reason: str | None = None
+        self.max_queued = max_queued
+        self._high_water = max_queued // 4
+        #: Unsent bytes; the reader stops reading above a quarter of max_queued.
         self.size = 0
         #: Set while the peer can take more replies (size under the high water).
         self.writable = Event()
@@ -60,11 +80,23 @@ class ReplyWriter:
         self._outbox.append(data)
         self.size += len(data)
         self._flushed.clear()
-        if self.size > OUTBOX_HIGH_WATER:
+        if self.size > self._high_water:
+            if self.size > self.max_queued:
+                self.cut_off(f"more than {self.max_queued} bytes of replies were queued "
+                             "([worker] max_queued_replies)")
+                return
             self.writable.clear()
         if not self._flush_scheduled and self._writer is None:
             self._flush_scheduled = True
             self._loop.run_callback(self._flush_without_blocking)
+
+    def cut_off(self, reason: str) -> None:
+        """Give up on a peer that reads nothing: shut the socket down, drop every reply."""
+        if self.broken:
+            return
+        self.cut_off_reason = reason
+        shutdown_socket(self.sock, socket.SHUT_RDWR)  # a blocked send fails at once
+        self._fail(b"", OSError(reason))
 
     @property
     def busy(self) -> bool:
@@ -117,7 +149,7 @@ class ReplyWriter:
 
     def _sent(self) -> None:
         self.last_progress = time.monotonic()
-        if self.size <= OUTBOX_HIGH_WATER:
+        if self.size <= self._high_water:
             self.writable.set()
         if not self._outbox:
             self._flushed.set()
