@@ -188,6 +188,9 @@ class _Connection:
     def send(self, handle: TaskHandle) -> None:
         """Write ``handle``'s request; raises :class:`_SendFailed` when it was not."""
         with self._lock:
+            if self._refusal is not None:
+                # The same token would be refused on any connection.
+                raise Unauthorized(self._refusal.message)
             if not self.alive or self.draining:
                 # Checked under the lock the close is decided under: a request
                 # is either pending before the close, or never written here.
@@ -262,19 +265,21 @@ class _Connection:
                 handle = self._pending.pop(next(iter(self._pending)))
             else:
                 handle = None
+        if reply.kind == "error" and isinstance(reply.value, Unauthorized):
+            # The server runs nothing before a good token, and closes: every
+            # request of this connection gets the same answer, even one sent
+            # before this line arrived.
+            self._refusal = reply.value
+            self.draining = True
         if handle is None:
+            if self.draining:
+                self._close_if_done()
             return
         if reply.kind == "progress":
             handle._progress(reply.value)
             return
         if reply.kind == "result":
             handle._resolve(reply.value)
-        elif isinstance(reply.value, Unauthorized):
-            # The server runs nothing before a good token, and closes: every
-            # request of this connection gets the same answer.
-            self._refusal = reply.value
-            self.draining = True
-            handle._resolve(error=reply.value)
         elif isinstance(reply.value, ShuttingDown):
             # The task did not run: send nothing more here.
             self.draining = True
@@ -298,7 +303,7 @@ class _Connection:
         self.sock.close()
         if self._refusal is not None:
             for handle in lost:
-                handle._resolve(error=Unauthorized(str(self._refusal)))
+                handle._resolve(error=Unauthorized(self._refusal.message))
             return
         cause = Unanswered.REFUSED if refused else Unanswered.LOST
         for handle in lost:
