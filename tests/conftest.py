@@ -240,6 +240,8 @@ class Gateway:
     def __init__(self, tmp_path: Path, task_servers: str, use_conf_file: bool = False,
                  workers: int = 1, **settings: object) -> None:
         self.port = free_port()
+        # Like an operator: the origin its pages are served from.
+        settings.setdefault("allowed_origins", f"http://127.0.0.1:{self.port}")
         lines = ["[gateway]", f"task_servers = {task_servers}"]
         lines += [f"{key} = {value}" for key, value in settings.items()]
         self.config = tmp_path / f"gateway-{self.port}.ini"

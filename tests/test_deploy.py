@@ -39,6 +39,7 @@ class Supervisord:
                     "GREENTASK_WORKER_PROCESSES": "2",
                     "GREENTASK_WORKER_GRACEFUL_TIMEOUT": "5",
                     "GREENTASK_GATEWAY_TASK_SERVERS": f"127.0.0.1:{self.port}",
+                    "GREENTASK_GATEWAY_ALLOWED_ORIGINS": f"http://127.0.0.1:{self.gateway_port}",
                     "GUNICORN_CMD_ARGS": f"--bind 127.0.0.1:{self.gateway_port}"}
         (tmp_path / "run").mkdir()
         self.proc = subprocess.Popen([str(BIN / "supervisord"), "-c", "conf/supervisord.conf"],

@@ -23,7 +23,7 @@ def close_code(ws: websocket.WebSocket) -> int:
 
 
 def test_500_messages_on_10_sockets_each_get_their_final_event(daemon, make_gateway):
-    gateway = make_gateway(daemon, max_inflight_per_socket=50)
+    gateway = make_gateway(daemon, max_inflight_per_socket=50, max_inflight=500)
     results: dict[int, list[dict]] = {}
 
     def client(n: int) -> None:
@@ -153,14 +153,77 @@ def test_server_close_code_reaches_the_client(daemon, make_gateway):
     assert close_code(ws) == 1000  # idle timeout
 
 
-def test_wrong_origin_is_refused_at_the_handshake(daemon, make_gateway):
+def refused_status(gateway: Gateway, **options: object) -> int | None:
+    """The HTTP status of a refused handshake, or None when the socket opened."""
+    try:
+        gateway.connect(**options).close()
+    except websocket.WebSocketBadStatusException as exc:
+        return exc.status_code
+    return None
+
+
+def test_only_listed_origins_open_the_socket(daemon, make_gateway):
     gateway = make_gateway(daemon)
-    with pytest.raises(websocket.WebSocketBadStatusException) as info:
-        gateway.connect(origin="http://evil.example")
-    assert info.value.status_code == 403
-    gateway.connect(origin=f"http://127.0.0.1:{gateway.port}").close()
+    own = f"http://127.0.0.1:{gateway.port}"
+    assert refused_status(gateway, origin=own) is None
+    assert refused_status(gateway, origin=own.upper() + "/") is None  # as browsers may
+    assert refused_status(gateway, origin="http://evil.example") == 403
+    # The scheme counts: an https page of the same host is another origin.
+    assert refused_status(gateway, origin=f"https://127.0.0.1:{gateway.port}") == 403
+    # DNS rebinding: Host and Origin agree, but neither is the configured origin.
+    assert refused_status(gateway, origin="http://evil.example", host="evil.example") == 403
+    assert refused_status(gateway, origin="null") == 403
     allowed = make_gateway(daemon, allowed_origins="https://app.example")
-    allowed.connect(origin="https://app.example").close()
+    assert refused_status(allowed, origin="https://app.example:443") is None
+    assert "not allowed: add it to [gateway] allowed_origins" in gateway.log()
+
+
+def test_a_handshake_without_origin_is_refused_unless_allowed(daemon, make_gateway):
+    gateway = make_gateway(daemon)
+    assert refused_status(gateway, suppress_origin=True) == 403
+    programs = make_gateway(daemon, allow_no_origin="true")
+    ws = programs.connect(suppress_origin=True)
+    ws.send(json.dumps({"function": "echo", "args": [1], "id": 1}))
+    assert json.loads(ws.recv())["event"] == "complete"
+    ws.close()
+
+
+def test_the_authorize_hook_admits_only_the_applications_users(daemon, make_gateway):
+    gateway = make_gateway(daemon, authorize="tests.gateway_auth:authorize")
+    assert refused_status(gateway) == 401
+    assert refused_status(gateway, cookie="sessionid=made-up") == 401
+    assert refused_status(gateway, cookie="sessionid=banned-session") == 403
+    ws = gateway.connect(cookie="sessionid=good-session")
+    ws.send(json.dumps({"function": "echo", "args": ["hi"], "id": 1}))
+    assert json.loads(ws.recv())["result"] == ["hi"]
+    ws.close()
+    broken = make_gateway(daemon, authorize="tests.gateway_auth:broken")
+    assert refused_status(broken) == 500
+    wait_until(lambda: "the session store is down" in broken.log(), 10, "the traceback")
+
+
+def test_the_default_authorize_admits_only_local_peers():
+    from greentask.gateway.admission import Refuse, loopback_only
+    assert loopback_only({"REMOTE_ADDR": "127.0.0.1"}) == "local 127.0.0.1"
+    assert loopback_only({"REMOTE_ADDR": "::1"}) == "local ::1"
+    for outside in ("192.0.2.7", "2001:db8::1", "", "not-an-address"):
+        with pytest.raises(Refuse) as info:
+            loopback_only({"REMOTE_ADDR": outside})
+        assert info.value.status == 403
+
+
+def test_a_gateway_process_runs_at_most_max_inflight_tasks_over_all_sockets(
+        daemon, make_gateway):
+    gateway = make_gateway(daemon, max_inflight=2)
+    first, second = gateway.connect(), gateway.connect()
+    for i in range(2):
+        first.send(json.dumps({"function": "sleep", "args": [1], "id": i}))
+    second.send(json.dumps({"function": "echo", "args": [1], "id": "late"}))
+    refused = json.loads(second.recv())
+    assert refused["id"] == "late" and refused["error"]["type"] == "Overloaded"
+    assert [json.loads(first.recv())["event"] for _ in range(2)] == ["complete"] * 2
+    second.send(json.dumps({"function": "echo", "args": [1], "id": "again"}))
+    assert json.loads(second.recv())["event"] == "complete"  # the permits came back
 
 
 def test_task_server_down_then_back(make_daemon, make_gateway):
@@ -227,6 +290,7 @@ def test_malformed_key_is_400(daemon, make_gateway):
     conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=10)
     conn.request("GET", "/ws", headers={"Upgrade": "websocket", "Connection": "Upgrade",
                                         "Sec-WebSocket-Version": "13",
+                                        "Origin": f"http://127.0.0.1:{gateway.port}",
                                         "Sec-WebSocket-Key": "not base64!!"})
     response = conn.getresponse()
     assert response.status == 400

@@ -117,7 +117,7 @@ def test_a_thousand_browsers_vanish_without_a_close_frame(daemon, make_gateway):
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < 4096 <= hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (4096, hard))
-    gateway = make_gateway(daemon)
+    gateway = make_gateway(daemon, max_inflight=1100)  # every vanished tab's task runs
     vanished = []
     started = time.monotonic()
     for i in range(1000):

@@ -11,6 +11,7 @@ import logging
 import os
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 from greentask.address import parse_address
 
@@ -164,15 +165,47 @@ def to_name_list(text: str) -> list[str]:
     return [name.strip() for name in text.split(",") if name.strip()]
 
 
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def normalize_origin(text: str) -> str:
+    """``scheme://host[:port]`` in the form browsers send: lower case, no default port.
+
+    Raises ValueError for anything else (a path, no scheme, a bad port).
+    """
+    parts = urlsplit(text.strip())
+    if parts.scheme not in _DEFAULT_PORTS or not parts.hostname or parts.path not in ("", "/") \
+            or parts.query or parts.fragment or parts.username is not None:
+        raise ValueError(f"{text!r} is not an origin; expected http:// or https:// and a "
+                         "host, with an optional port and nothing after it, such as "
+                         "https://example.org or http://127.0.0.1:8080")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"{text!r} has a bad port") from None
+    host = parts.hostname
+    if ":" in host:
+        host = f"[{host}]"  # an IPv6 address, bracketed again
+    if port is None or port == _DEFAULT_PORTS[parts.scheme]:
+        return f"{parts.scheme}://{host}"
+    return f"{parts.scheme}://{host}:{port}"
+
+
 def to_origin_list(text: str) -> list[str]:
-    """Comma-separated origins such as ``https://example.org``; ``*`` for any; empty for
-    the gateway's own origin only."""
-    origins = [origin.strip().rstrip("/") for origin in text.split(",") if origin.strip()]
-    for origin in origins:
-        if origin != "*" and "://" not in origin:
-            raise ValueError(f"{origin!r} is not an origin; expected scheme://host[:port], "
-                             "such as https://example.org, or *")
-    return origins
+    """Comma-separated origins such as ``https://example.org``; ``*`` for any; may be empty."""
+    return [origin if origin == "*" else normalize_origin(origin)
+            for origin in (item.strip() for item in text.split(",")) if origin]
+
+
+def to_callable_name(text: str) -> str | None:
+    """``module:function`` (``none``: not set); imported where it is used."""
+    if text.strip().lower() == "none":
+        return None
+    module, _, function = text.strip().partition(":")
+    if not function or not all(part.isidentifier() for part in module.split(".")) or \
+            not all(part.isidentifier() for part in function.split(".")):
+        raise ValueError(f"{text!r} is not module:function, such as myapp.auth:authorize")
+    return text.strip()
 
 
 class Secret(str):

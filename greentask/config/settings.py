@@ -15,6 +15,7 @@ from greentask.config.converters import (
     to_address_list,
     to_auto_path,
     to_bool,
+    to_callable_name,
     to_count,
     to_existing_file,
     to_gid,
@@ -175,9 +176,22 @@ SETTINGS: tuple[Setting, ...] = (
             "closes the socket with 1009 before it is buffered."),
     Setting("gateway", "max_inflight_per_socket", "16", to_positive_int,
             "Tasks one socket may have running; more get an Overloaded error event."),
-    Setting("gateway", "allowed_origins", "", to_origin_list,
-            "Origins whose pages may open /ws; empty: only pages served by the gateway "
-            "itself; * for any."),
+    Setting("gateway", "max_inflight", "256", to_positive_int,
+            "Tasks one gateway process may have running over all its sockets; more get an "
+            "Overloaded error event. Keep it under the task servers' concurrency, so "
+            "browsers cannot take every task slot."),
+    Setting("gateway", "allowed_origins", "http://127.0.0.1:8080, http://localhost:8080",
+            to_origin_list,
+            "Origins whose pages may open /ws, as browsers send them (scheme://host[:port]): "
+            "the gateway's public origin, and any other site allowed to use it; * for any. "
+            "The Host header is never trusted."),
+    Setting("gateway", "allow_no_origin", "false", to_bool,
+            "Admit handshakes without an Origin header (programs, not browsers)."),
+    Setting("gateway", "authorize", "greentask.gateway.admission:loopback_only",
+            to_callable_name,
+            "module:function called with the WSGI environ of each handshake; it returns "
+            "who the caller is, or raises greentask.gateway.admission.Refuse(401 or 403, "
+            "reason). The default admits only clients on this host (docs/gateway.md)."),
     Setting("gateway", "idle_timeout", "300", to_seconds,
             "A socket that sends nothing for this long is closed (1000)."),
     Setting("gateway", "auth_token_file", "none", to_secret_file,

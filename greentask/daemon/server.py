@@ -44,6 +44,7 @@ from greentask.daemon.logs import reopen_log_files
 from greentask.daemon.runner import TaskRunner
 from greentask.errors import BadRequest
 from greentask.protocol import encode_error
+from greentask.refusals import RefusalCounter
 from greentask.registry import Registry
 
 log = logging.getLogger("greentask.worker")
@@ -96,7 +97,7 @@ class ProcessServer:
         self._accept_paused = False
         #: TLS on the task port (``[worker] certfile``), or None.
         self.ssl_context = ssl_context
-        self._refusals: dict[str, int] = {}
+        self._refusals = RefusalCounter(log, f"worker {os.getpid()}: connection")
         # Several processes share this listener: take one connection per wake-up
         # so a busy process does not grab a burst that idle siblings could serve.
         self.server.max_accept = 1
@@ -173,10 +174,7 @@ class ProcessServer:
 
     def note_refused(self, peer: str, reason: str) -> None:
         """Count a refused connection; log the 1st, 10th, 100th... from each peer."""
-        failures = self._refusals[peer] = self._refusals.get(peer, 0) + 1
-        if failures == 10 ** (len(str(failures)) - 1):
-            log.warning("worker %d: connection from %s refused: %s (%d time%s)",
-                        os.getpid(), peer, reason, failures, "" if failures == 1 else "s")
+        self._refusals.note(peer, reason)
 
     def serve_forever(self) -> None:
         """Serve until a signal stops this process."""

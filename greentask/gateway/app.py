@@ -27,7 +27,6 @@ import os
 from collections.abc import Callable, Iterable
 from importlib import resources
 from typing import Any
-from urllib.parse import urlsplit
 
 import gevent
 import gevent.pool
@@ -38,6 +37,7 @@ from greentask.client import TaskClient
 from greentask.config import Config, check_gateway_tls, load
 from greentask.errors import GreentaskError, RemoteError
 from greentask.gateway import geventwebsocket_fixes, metrics
+from greentask.gateway.admission import SocketAdmission, load_authorize
 from greentask.gateway.upstream import task_client
 
 log = logging.getLogger("greentask.gateway")
@@ -71,7 +71,12 @@ class Gateway:
         self.sockets: set[Any] = set()
         self._watcher: gevent.Greenlet | None = None
         self.page = resources.files("greentask.gateway").joinpath("static/index.html").read_bytes()
-        geventwebsocket_fixes.install(self.settings.max_message, self.origin_allowed)
+        self.admission = SocketAdmission(self.settings.allowed_origins,
+                                         self.settings.allow_no_origin,
+                                         load_authorize(self.settings.authorize))
+        #: Task permits of this process, over all its sockets.
+        self.permits = BoundedSemaphore(self.settings.max_inflight)
+        geventwebsocket_fixes.install(self.settings.max_message, self.admission.check)
 
     @property
     def client(self) -> TaskClient:
@@ -79,16 +84,6 @@ class Gateway:
         if self._client is None:
             self._client = task_client(self.settings)
         return self._client
-
-    def origin_allowed(self, environ: dict[str, Any]) -> bool:
-        """True when the page that opens the socket may use this gateway."""
-        origin = environ.get("HTTP_ORIGIN")
-        if origin is None:
-            return True  # not a browser: browsers always send Origin
-        allowed = self.settings.allowed_origins
-        if "*" in allowed or origin.rstrip("/") in allowed:
-            return True
-        return urlsplit(origin).netloc == environ.get("HTTP_HOST")
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "/")
@@ -172,6 +167,12 @@ class Gateway:
                     f"more than {self.settings.max_inflight_per_socket} tasks in flight on "
                     "this socket; wait for some to complete"))
                 continue
+            if not self.permits.acquire(blocking=False):
+                permits.release()
+                self._send(socket, error_event(
+                    _message_id(message), "Overloaded",
+                    "the gateway is running as many tasks as it may; try again in a moment"))
+                continue
             running.spawn(self._run_message, socket, message, permits)
         # Results still coming for this socket are dropped (and counted) in _send.
 
@@ -190,6 +191,7 @@ class Gateway:
                 return
             self._run_request(socket, request)
         finally:
+            self.permits.release()
             permits.release()
 
     def _run_request(self, socket: Any, request: dict[str, Any]) -> None:

@@ -12,9 +12,10 @@ is listed in ``docs/gateway.md`` with the defect it closes:
 - ``close(code, reason)`` sends the code (0.10.1 sends only the reason);
 - every frame written to one socket, data, pong or close, holds one lock, so
   frames from several greenlets never interleave;
-- a handshake from an origin that is not allowed is refused with 403, a
-  malformed ``Sec-WebSocket-Key`` gets 400 (not 500), and refusal bodies are
-  bytes (0.10.1 crashes writing its own str bodies);
+- a handshake the gateway does not admit (origin, ``authorize``) is refused
+  with its status before the upgrade, a malformed ``Sec-WebSocket-Key``
+  gets 400 (not 500), and refusal bodies are bytes (0.10.1 crashes writing
+  its own str bodies);
 - under gunicorn, requests reach gunicorn's access log.
 """
 
@@ -143,15 +144,19 @@ class GuardedWebSocket(WebSocket):
             self.environ = None
 
 
-OriginCheck = Callable[[dict[str, Any]], bool]
-_origin_check: OriginCheck | None = None
+#: The gateway's handshake check: None to admit, or (status line, body) to refuse.
+Admit = Callable[[dict[str, Any]], "tuple[str, bytes] | None"]
+_admit: Admit | None = None
 
 
 def _upgrade_connection(self: Any) -> Any:
     environ = self.environ
-    if _origin_check is not None and not _origin_check(environ):
-        self.start_response("403 Forbidden", [("Content-Type", "text/plain")])
-        return [b"origin not allowed: add it to [gateway] allowed_origins"]
+    refusal = _admit(environ) if _admit is not None else None
+    if refusal is not None:
+        status, body = refusal
+        self.start_response(status, [("Content-Type", "text/plain; charset=utf-8"),
+                                     ("Content-Length", str(len(body)))])
+        return [body]
     key = environ.get("HTTP_SEC_WEBSOCKET_KEY", "").strip()
     try:
         valid_key = len(base64.b64decode(key, validate=True)) == 16
@@ -182,11 +187,11 @@ def _log_request(self: Any) -> None:
         _original_log_request(self)
 
 
-def install(max_message: int, origin_check: OriginCheck) -> None:
+def install(max_message: int, admit: Admit) -> None:
     """Apply the fixes to gevent-websocket (idempotent)."""
-    global _origin_check
+    global _admit
     GuardedWebSocket.max_message = max_message
-    _origin_check = origin_check
+    _admit = admit
     ws_handler.WebSocket = GuardedWebSocket  # the handler builds sockets by this name
     ws_handler.WebSocketHandler.upgrade_connection = _upgrade_connection
     ws_handler.WebSocketHandler.log_request = _log_request
