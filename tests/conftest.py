@@ -138,6 +138,13 @@ class Daemon:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def inflight(self) -> int:
+        """Tasks running now over all workers, from ``greentask status``."""
+        status = subprocess.run([str(Path(PYTHON).with_name("greentask")), "status", "-c",
+                                 str(self.config), "--json"], capture_output=True, text=True,
+                                timeout=30, cwd=ROOT)
+        return sum(w["inflight"] for w in ujson.loads(status.stdout)["workers"])
+
     def wait(self, timeout: float) -> int:
         assert self.proc is not None
         return self.proc.wait(timeout)

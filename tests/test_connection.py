@@ -323,3 +323,68 @@ def test_a_closing_peer_that_stops_reading_is_still_cut_off(make_server):
     green_wait(lambda: not server.connections, 5, "the stalled peer to be cut off")
     assert "idle_timeout" in connection.writer.cut_off_reason
     sender.kill()
+
+
+def test_a_full_process_makes_room_by_closing_its_oldest_idle_connection(make_server):
+    server = make_server(max_connections="3", closing_grace="0.2")
+    plain = Peer(port_of(server))  # id-less and idle: closed with a reason
+    plain.send({"function": "echo", "args": [1]})
+    assert plain.read()["ok"]
+    silent = Peer(port_of(server))  # sent nothing yet: told to close
+    green_wait(lambda: len(server.connections) == 2, 5, "two connections")
+    busy = Peer(port_of(server))  # a task in flight: never chosen
+    busy.send({"function": "hold", "id": 1})
+    green_wait(lambda: server.runner.running, 5, "the busy peer's task")
+    newcomer = Peer(port_of(server))
+    newcomer.send({"function": "echo", "args": ["in"], "id": 1})
+    assert newcomer.read() == {"id": 1, "ok": True, "result": "in"}
+    evicted = plain.read()
+    assert evicted["error"]["type"] == "Timeout" and "max_connections" in \
+        evicted["error"]["message"]
+    assert plain.read() is None
+    latecomer = Peer(port_of(server))
+    latecomer.send({"function": "echo", "args": ["also"], "id": 2})
+    assert latecomer.read() == {"id": 2, "ok": True, "result": "also"}
+    assert silent.read() == {"closing": True}
+    for connection in list(server.connections):
+        connection.check_idle(time.monotonic() + 1, limit=300)  # as the heartbeat does
+    assert silent.read() is None
+    RELEASE.set()
+    assert busy.read() == {"id": 1, "ok": True, "result": True}
+
+
+def test_a_peer_that_does_not_send_its_token_in_time_is_told_and_closed(make_server, tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret-token-of-enough-length")
+    token_file.chmod(0o600)
+    server = make_server(auth_token_file=str(token_file), hello_timeout="1")
+    silent = Peer(port_of(server))
+    connection = only_connection(server)
+    connection.check_idle(time.monotonic() + 0.5, limit=300)
+    assert connection.phase is Phase.HELLO  # still in time
+    connection.check_idle(time.monotonic() + 2, limit=300)
+    reply = silent.read()
+    assert reply["error"]["type"] == "Unauthorized" and "hello_timeout" in \
+        reply["error"]["message"]
+    assert silent.read() is None
+
+
+def test_connections_past_the_per_peer_limit_are_told_and_refused(make_server):
+    server = make_server(max_connections_per_peer="2")
+    first, second = Peer(port_of(server)), Peer(port_of(server))
+    green_wait(lambda: len(server.connections) == 2, 5, "two connections")
+    third = Peer(port_of(server))
+    assert third.read() == {"closing": True}
+    third.send({"function": "echo", "args": [1], "id": 9})
+    refused = third.read()
+    assert refused["id"] == 9 and refused["error"]["type"] == "ShuttingDown"
+    assert "max_connections_per_peer = 2" in refused["error"]["message"]
+    for peer in (first, second):
+        peer.send({"function": "echo", "args": [1], "id": 1})
+        assert peer.read() == {"id": 1, "ok": True, "result": 1}
+    third.close()
+    first.close()
+    green_wait(lambda: len(server.connections) == 1, 5, "the first and third to be gone")
+    fourth = Peer(port_of(server))  # a place is free again
+    fourth.send({"function": "echo", "args": [4], "id": 4})
+    assert fourth.read() == {"id": 4, "ok": True, "result": 4}

@@ -167,23 +167,12 @@ def test_ttin_and_ttou_change_the_number_of_children(daemon):
 
 def test_a_stop_ends_when_the_work_is_done_though_an_idle_peer_keeps_its_socket(
         make_daemon, connect):
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    import ujson
     daemon = make_daemon(processes=1, graceful_timeout=60)
     idle = connect(daemon.port, timeout=30)  # pipelines, then keeps its socket open
     assert idle.call({"function": "echo", "args": [1], "id": 1})["ok"]
-    greentask = str(Path(sys.executable).with_name("greentask"))
-
-    def inflight() -> int:
-        status = subprocess.run([greentask, "status", "-c", str(daemon.config), "--json"],
-                                capture_output=True, text=True, timeout=30)
-        return sum(w["inflight"] for w in ujson.loads(status.stdout)["workers"])
     with TaskClient([daemon.address], timeout=60) as client:
         handles = [client.submit("sleep", 1) for _ in range(3)]
-        wait_until(lambda: inflight() == 3, 15, "three tasks in flight")
+        wait_until(lambda: daemon.inflight() == 3, 15, "three tasks in flight")
         daemon.signal(signal.SIGTERM)
         assert [handle.get() for handle in handles] == [1, 1, 1]
     assert idle.read_json() == {"closing": True}

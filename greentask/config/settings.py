@@ -111,8 +111,16 @@ SETTINGS: tuple[Setting, ...] = (
             "With TLS on: CA certificates that sign client certificates; when set, a "
             "client without one is refused (mutual TLS)."),
     Setting("worker", "max_connections", "10000", to_positive_int,
-            "Connections one process serves at once; when full it stops accepting and "
-            "the kernel queues new ones for its siblings."),
+            "Connections one process serves at once. When full, a new client still gets in: "
+            "the oldest idle connection is closed to make room (a pipelining peer is told "
+            "first); only when none is idle does the process stop accepting."),
+    Setting("worker", "max_connections_per_peer", "0", to_count,
+            "Connections one process serves from one peer address (0: no limit; behind a "
+            "load balancer every connection has its address). Past it a connection is told "
+            "to close and its requests are refused, not run."),
+    Setting("worker", "hello_timeout", "5", to_seconds,
+            "With auth_token_file set: how long a new connection has to send its token "
+            "before it is answered Unauthorized and closed."),
     Setting("worker", "idle_timeout", "300", to_seconds,
             "A connection with no task running that sends nothing, or half a line, for "
             "this long is closed (pipelining peers are told first)."),

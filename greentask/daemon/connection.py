@@ -15,8 +15,8 @@ Replies go through the connection's :class:`~greentask.daemon.writer.ReplyWriter
 a peer that does not read them blocks only its own writer: past a quarter of
 ``[worker] max_queued_replies`` its reader stops reading, past all of it the
 peer is cut off. Sockets have no timeouts: the worker's heartbeat calls
-:meth:`Connection.check_idle`, and a drain :meth:`Connection.begin_drain` and
-:meth:`Connection.check_drain`.
+:meth:`Connection.check_idle`, a drain :meth:`Connection.begin_drain` and
+:meth:`Connection.check_asked`, a full process :meth:`Connection.evict`.
 
 The rule that makes a close safe for every peer: a connection is closed
 (by the server, on purpose) only once every request line it has read is
@@ -107,6 +107,8 @@ class ConnectionLimits:
     auth_token: bytes | None = None
     #: Unsent reply bytes past which a peer that reads nothing is cut off.
     max_queued: int = DEFAULT_MAX_QUEUED
+    #: Seconds a peer has to send its token (when one is required).
+    hello_timeout: float = 5.0
 
     @classmethod
     def from_settings(cls, settings: Any) -> ConnectionLimits:
@@ -114,15 +116,15 @@ class ConnectionLimits:
         token = settings.auth_token_file
         return cls(settings.max_line, settings.max_json_depth,
                    settings.max_inflight_per_connection, token.encode() if token else None,
-                   settings.max_queued_replies)
+                   settings.max_queued_replies, settings.hello_timeout)
 
 
 class Admission(Protocol):
     """What a connection asks of the process serving it."""
 
     @property
-    def draining(self) -> bool:
-        """True once the process stops taking new tasks."""
+    def refusal(self) -> RemoteError | None:
+        """What every request is answered with instead of running (a drain), or None."""
 
     def note_refused(self, peer: str, reason: str) -> None:
         """Count (and log, now and then) a peer refused for ``reason``."""
@@ -184,6 +186,10 @@ class Connection:
         self._parked = False
         #: True once the peer ended its side (end of stream or a reset).
         self._peer_done = False
+        #: True once closed to make room for a new client.
+        self.evicted = False
+        #: How long a peer asked to close may keep the connection, once idle.
+        self._ask_grace = IDLE_GRACE
         # Bound once: the per-request path below is the hot one.
         self._lookup = runner.registry.lookup
         self._submit = runner.submit
@@ -235,13 +241,38 @@ class Connection:
         if self._parked and self._reader is not None:
             self._reader.throw(StopReading())
 
-    def ask_to_close(self, now: float | None = None) -> None:
-        """Tell a pipelining peer to close once its replies are in (a drain, idleness)."""
+    def ask_to_close(self, now: float | None = None, grace: float = IDLE_GRACE) -> None:
+        """Tell a pipelining peer to close once its replies are in (a drain, idleness).
+
+        Once it has nothing in flight, it is closed ``grace`` seconds after the notice.
+        """
         if self.phase is Phase.OPEN:
             self._enter(Phase.ASKED_TO_CLOSE, now)
+            self._ask_grace = grace
             self.send(encode_closing())
 
-    def begin_drain(self, now: float) -> None:
+    @property
+    def evictable(self) -> bool:
+        """True when closing it to make room loses nothing: no task, no reply pending."""
+        return (self.phase is Phase.OPEN or self.phase is Phase.HELLO) and \
+            not self.inflight and not self.writer.busy
+
+    def evict(self, grace: float) -> None:
+        """Make room for a new client: close this idle connection, telling the peer how."""
+        self.evicted = True
+        if self.phase is Phase.HELLO:
+            self._refusal = Unauthorized(
+                "no token sent yet, and this worker needs room for other clients; the "
+                "connection is closed")
+            self.send(encode_error(None, self._refusal))
+            self._close()
+        elif self.uses_ids or not self.sent_requests:
+            self.ask_to_close(grace=grace)
+        else:
+            self._close_with("this worker is serving [worker] max_connections connections and "
+                             "needs room for a new client: this idle connection is closed")
+
+    def begin_drain(self, now: float, grace: float) -> None:
         """The process stops: tell the peer, or close once its one request is answered.
 
         A peer that used ids, or has sent nothing yet (it may be about to
@@ -251,14 +282,14 @@ class Connection:
         if self.phase is Phase.HELLO:
             self._close(now)
         elif self.uses_ids or not self.sent_requests:
-            self.ask_to_close(now)
+            self.ask_to_close(now, grace)
         else:
             self._close(now)
 
-    def check_drain(self, now: float, grace: float) -> None:
-        """During a drain: close a peer told ``closing`` ``grace`` s ago with nothing left."""
+    def check_asked(self, now: float) -> None:
+        """Close a peer told ``closing`` long enough ago that has nothing left in flight."""
         if self.phase is Phase.ASKED_TO_CLOSE and not self.inflight and \
-                not self.writer.busy and now - self.phase_since >= grace:
+                not self.writer.busy and now - self.phase_since >= self._ask_grace:
             self._close(now)
 
     def close_now(self) -> None:
@@ -316,22 +347,33 @@ class Connection:
                            "idle_timeout)")
             self._close(now)
             return
-        if self.phase is Phase.CLOSING:
+        phase = self.phase
+        if phase is Phase.CLOSING:
             return
-        if self._partial_since is not None and now - self._partial_since > limit:
-            self._close_with(f"a request line stayed incomplete for more than {limit:g} s "
-                             "([worker] idle_timeout); the connection is closed")
+        if phase is Phase.ASKED_TO_CLOSE:
+            self.check_asked(now)
+        elif phase is Phase.HELLO and now - self.phase_since > self.limits.hello_timeout:
+            self.admission.note_refused(self.peer, "no token in time")
+            self._refusal = Unauthorized(
+                f"no token within {self.limits.hello_timeout:g} s ([worker] hello_timeout): "
+                'send {"auth": TOKEN} as the first line; the connection is closed')
+            self.send(encode_error(None, self._refusal))
+            self._close(now)
+        elif self._partial_since is not None and now - self._partial_since > limit:
+            if self.uses_ids:
+                self.ask_to_close(now)  # a pipelining peer is told, as when idle
+            else:
+                self._close_with(f"a request line stayed incomplete for more than {limit:g} s "
+                                 "([worker] idle_timeout); the connection is closed")
         elif self.inflight or writer.busy or now - self.last_active <= limit:
             return
         elif not self.uses_ids:
             self._close_with(f"no complete request for {limit:g} s ([worker] idle_timeout); "
                              "the connection is closed")
-        elif self.phase is not Phase.ASKED_TO_CLOSE:
+        else:
             # A pipelining client keeps connections for reuse: ask it to close,
             # so no request of its is in flight when the connection goes.
             self.ask_to_close(now)
-        elif now - self.phase_since > IDLE_GRACE:
-            self._close(now)
 
     def _close_with(self, message: str) -> None:
         self.send(encode_error(None, TaskTimeout(message)))
@@ -353,10 +395,9 @@ class Connection:
             return
         if request.id is not None:
             self.uses_ids = True
-        if self.admission.draining:
-            self.send(encode_error(request.id, ShuttingDown(
-                "this worker process is shutting down; the task was not run, send it again "
-                "(on a new connection)")))
+        refusal = self.admission.refusal
+        if refusal is not None:
+            self.send(encode_error(request.id, refusal))
             return
         try:
             function = self._lookup(request.function)

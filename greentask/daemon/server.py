@@ -38,11 +38,11 @@ from gevent.server import StreamServer
 
 from greentask.config import Config
 from greentask.daemon import scoreboard
-from greentask.daemon.connection import Connection, ConnectionLimits, linger
+from greentask.daemon.connection import Admission, Connection, ConnectionLimits, linger
 from greentask.daemon.lifecycle import WORKER_SIGNALS
 from greentask.daemon.logs import reopen_log_files
 from greentask.daemon.runner import TaskRunner
-from greentask.errors import BadRequest
+from greentask.errors import BadRequest, RemoteError, ShuttingDown
 from greentask.protocol import encode_error
 from greentask.refusals import RefusalCounter
 from greentask.registry import Registry
@@ -75,6 +75,20 @@ def resident_memory() -> int:
         return int(statm.read().split()[1]) * _PAGE_SIZE
 
 
+class PeerOverLimit:
+    """The admission of a connection past ``max_connections_per_peer``: told to close,
+    every request refused (not run), so the peer uses the connections it has."""
+
+    def __init__(self, peer: str, limit: int) -> None:
+        self.refusal = ShuttingDown(
+            f"too many connections from {peer} to this worker process ([worker] "
+            f"max_connections_per_peer = {limit}); the task was not run: send it on one of "
+            "your open connections")
+
+    def note_refused(self, peer: str, reason: str) -> None:
+        """Refusals of this connection were counted when it was admitted."""
+
+
 class ProcessServer:
     """A worker process's server: the shared listener, the task pool, the drain."""
 
@@ -93,7 +107,13 @@ class ProcessServer:
         self.limits = ConnectionLimits.from_settings(settings)
         self.server = StreamServer(listener, self.handle_connection, spawn=self.runner.spawn)
         self._max_connections = settings.max_connections
+        self._max_per_peer = settings.max_connections_per_peer
+        self._closing_grace = settings.closing_grace
+        #: Open connections by peer address (only with max_connections_per_peer).
+        self._per_peer: dict[str, int] = {}
         self._open_sockets = 0
+        #: Connections closed to make room that have not ended yet.
+        self._leaving = 0
         self._accept_paused = False
         #: TLS on the task port (``[worker] certfile``), or None.
         self.ssl_context = ssl_context
@@ -101,8 +121,11 @@ class ProcessServer:
         # Several processes share this listener: take one connection per wake-up
         # so a busy process does not grab a burst that idle siblings could serve.
         self.server.max_accept = 1
-        self.connections: set[Connection] = set()
+        #: Open connections, oldest first (a dict used as an ordered set).
+        self.connections: dict[Connection, None] = {}
         self.draining = False
+        #: What requests are answered with instead of running, once draining.
+        self.refusal: RemoteError | None = None
         self._stopped = Event()
 
     def handle_connection(self, sock: socket.socket, address: Any) -> None:
@@ -111,9 +134,12 @@ class ProcessServer:
         TCP_NODELAY is set on the listener, and accepted sockets inherit it.
         """
         self._open_sockets += 1
-        if self._open_sockets >= self._max_connections:
-            # Full: stop accepting; the kernel queues new connections for
-            # this process's siblings (or until one of these closes).
+        if self._open_sockets - self._leaving > self._max_connections:
+            self._make_room()  # none idle: this one is served one over the cap
+        if self._open_sockets - self._leaving >= self._max_connections and (
+                self._open_sockets >= 2 * self._max_connections or not self._any_evictable()):
+            # Full of busy connections: stop accepting; the kernel queues new
+            # connections for this process's siblings (or until one is idle).
             self._accept_paused = True
             self.server.stop_accepting()
         try:
@@ -138,15 +164,44 @@ class ProcessServer:
             return
         self._serve_connection(sock, peer)
 
+    def _make_room(self) -> bool:
+        """Close the oldest idle connection so a new client is served; False if none is."""
+        for connection in self.connections:
+            if connection.evictable:
+                # To the back, so the next search starts at fresh candidates.
+                del self.connections[connection]
+                self.connections[connection] = None
+                connection.evict(self._closing_grace)
+                self._leaving += 1
+                return True
+        return False
+
+    def _any_evictable(self) -> bool:
+        return any(connection.evictable for connection in self.connections)
+
     def _serve_connection(self, sock: socket.socket, peer: str) -> None:
-        connection = Connection(sock, peer, self.limits, self.runner, self)
-        self.connections.add(connection)
+        admission: Admission = self
+        if self._max_per_peer:
+            count = self._per_peer[peer] = self._per_peer.get(peer, 0) + 1
+            if count > self._max_per_peer:
+                self.note_refused(peer, "too many connections from it")
+                admission = PeerOverLimit(peer, self._max_per_peer)
+        connection = Connection(sock, peer, self.limits, self.runner, admission)
+        if admission is not self:
+            connection.ask_to_close(grace=self._closing_grace)
+        self.connections[connection] = None
         self.slot.add(scoreboard.CONNECTIONS)
         try:
             connection.serve()
         finally:
-            self.connections.discard(connection)
+            del self.connections[connection]
+            if connection.evicted:
+                self._leaving -= 1
             self.slot.add(scoreboard.CONNECTIONS, -1)
+            if self._max_per_peer:
+                self._per_peer[peer] -= 1
+                if not self._per_peer[peer]:
+                    del self._per_peer[peer]
 
     def _handshake(self, sock: socket.socket, peer: str) -> socket.socket | None:
         """Wrap ``sock`` in TLS; None (and the socket closed) when the handshake fails."""
@@ -208,6 +263,11 @@ class ProcessServer:
             now = time.monotonic()
             for connection in list(self.connections):
                 connection.check_idle(now, idle_timeout)
+            if self._accept_paused and not self.draining and self._any_evictable():
+                # Full of busy connections before; one is idle now: let a
+                # waiting client in (its accept makes the room).
+                self._accept_paused = False
+                self.server.start_accepting()
             if os.getppid() != self.master_pid:
                 log.error("master %d is gone; worker %d exits", self.master_pid, os.getpid())
                 self.stop_now()
@@ -229,6 +289,9 @@ class ProcessServer:
         if self.draining:
             return
         self.draining = True
+        self.refusal = ShuttingDown(
+            "this worker process is shutting down; the task was not run, send it again (on a "
+            "new connection)")
         self.slot.set_state(scoreboard.DRAINING)
         gevent.spawn(self._drain)
 
@@ -246,7 +309,7 @@ class ProcessServer:
         # their request is answered.
         now = time.monotonic()
         for connection in list(self.connections):
-            connection.begin_drain(now)
+            connection.begin_drain(now, settings.closing_grace)
         if not runner.wait_idle(grace):
             log.warning("worker %d: %d task(s) still running after %g s; killing them",
                         os.getpid(), len(runner.running), grace)
@@ -257,7 +320,7 @@ class ProcessServer:
         while self.connections and time.monotonic() < deadline:
             now = time.monotonic()
             for connection in list(self.connections):
-                connection.check_drain(now, settings.closing_grace)
+                connection.check_asked(now)
             gevent.sleep(DRAIN_POLL_INTERVAL)
         for connection in list(self.connections):
             connection.close_now()
