@@ -85,6 +85,7 @@ def test_readme_commands_work_as_written(tmp_path):
     env = {**os.environ, "GREENTASK_WORKER_BIND": f"127.0.0.1:{port}",
            "GREENTASK_WORKER_PROCESSES": "2", "GREENTASK_RUN_DIR": str(tmp_path / "run"),
            "GREENTASK_GATEWAY_TASK_SERVERS": f"127.0.0.1:{port}",
+           "GREENTASK_GATEWAY_ALLOWED_ORIGINS": f"http://127.0.0.1:{gateway_port}",
            "GUNICORN_CMD_ARGS": f"--bind 127.0.0.1:{gateway_port}"}
     log = open(tmp_path / "run.log", "wb")
     run = subprocess.Popen(["scripts/run"], cwd=ROOT, env=env, stdout=log,
