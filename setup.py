@@ -31,6 +31,8 @@ setup(
     entry_points={"console_scripts": ["greentask = greentask.cli:main"]},
     classifiers=[
         "Programming Language :: Python :: 3.11",
+        "Programming Language :: Python :: 3.12",
+        "Programming Language :: Python :: 3.13",
         "Framework :: gevent",
         "Operating System :: POSIX :: Linux",
     ],
