@@ -37,11 +37,10 @@ import signal
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from gevent.monkey import get_original
 
-from greentask.config import Config, control_socket_path, set_current
+from greentask.config import Config, control_socket_path
 from greentask.daemon import scoreboard
 from greentask.daemon.census import Census
 from greentask.daemon.child import run_worker
@@ -57,10 +56,10 @@ from greentask.daemon.lifecycle import (
 from greentask.daemon.listener import BindError, bind_listener
 from greentask.daemon.logs import reopen_log_files
 from greentask.daemon.oneshot import OneShotServer
-from greentask.daemon.preload import freeze_for_fork, prepare_master
-from greentask.daemon.taskcode import SavedCode, TaskCode, TaskModuleError
+from greentask.daemon.preload import prepare_master
+from greentask.daemon.reload import Reloader, ReloadInFlight
+from greentask.daemon.taskcode import TaskCode, TaskModuleError
 from greentask.daemon.wakeup import SignalQueue
-from greentask.errors import ConfigError
 from greentask.registry import default_registry
 
 log = logging.getLogger("greentask.master")
@@ -90,17 +89,7 @@ MAX_RESPAWN_DELAY = 5.0
 #: Worker slots in the scoreboard: the most children alive at once, old and new.
 SCOREBOARD_SLOTS = 1024
 
-__all__ = ["Master", "ReloadInFlight"]
-
-
-@dataclass(frozen=True)
-class ReloadInFlight:
-    """What a reload replaced, to go back to if the new generation cannot start."""
-
-    config: Config
-    generation: int
-    processes: int
-    task_code: SavedCode
+__all__ = ["Master"]
 
 
 class Master:
@@ -119,7 +108,6 @@ class Master:
         self.board = scoreboard.Scoreboard(SCOREBOARD_SLOTS)
         self.workers: dict[int, WorkerProcess] = {}
         self.exit_code = EXIT_OK
-        self._reload_config = reload_config
         #: Set from a HUP until the old generation is retired.
         self.reload: ReloadInFlight | None = None
         self.signals = SignalQueue()
@@ -130,7 +118,7 @@ class Master:
         self._started_at = time.monotonic()
         self.control: ControlServer | None = None
         self.metrics: OneShotServer | None = None
-        self.task_code = TaskCode(default_registry)
+        self.reloader = Reloader(TaskCode(default_registry), reload_config)
         #: The pidfile written at start (a reload does not move it).
         self._pidfile = config.worker.pidfile
         #: The children's counters, and those of the children that exited.
@@ -152,7 +140,7 @@ class Master:
             # After binding: the master's own sockets are the operating
             # system's, so it never has a gevent hub (see prepare_master).
             prepare_master(self.config.worker.preload)
-            self._import_task_code(self.config)
+            self.reloader.load(self.config, self.config)
         except TaskModuleError as exc:
             log.error("%s; the workers could not start", exc, exc_info=exc.__cause__)
             self._close()
@@ -250,23 +238,10 @@ class Master:
         """Reload: re-read the config and replace every child with a new generation."""
         if self.stopping:
             return
-        try:
-            config = self._reload_config() if self._reload_config else self.config
-        except ConfigError as exc:
-            log.error("SIGHUP: reload refused, the running workers keep serving: %s", exc)
+        begun = self.reloader.begin(self.config, self.generation, self.processes)
+        if begun is None:
             return
-        try:
-            saved_code = self._import_task_code(config)
-        except TaskModuleError as exc:
-            log.error("SIGHUP: reload failed, generation %d keeps serving: %s. Fix the "
-                      "[worker] tasks modules, then reload again", self.generation, exc,
-                      exc_info=exc.__cause__)
-            return
-        if config.worker.bind != self.config.worker.bind:
-            log.warning("SIGHUP: [worker] bind changed; the listener stays at %s:%d until a "
-                        "restart", *self.config.worker.bind)
-            config.worker.bind = self.config.worker.bind
-        self.reload = ReloadInFlight(self.config, self.generation, self.processes, saved_code)
+        config, self.reload = begun
         self.config = config
         self.processes = config.worker.processes
         self.generation += 1
@@ -274,20 +249,8 @@ class Master:
         log.info("SIGHUP: reloading: starting generation %d (%d workers)", self.generation,
                  self.processes)
 
-    def _import_task_code(self, config: Config) -> SavedCode:
-        """Import the task code ``config`` names (or, without preload_tasks, forget it).
-
-        Returns the code it replaced.
-        """
-        set_current(config)
-        try:
-            saved = self.task_code.reload(
-                config.worker.tasks if config.worker.preload_tasks else None)
-        except TaskModuleError:
-            set_current(self.config)
-            raise
-        freeze_for_fork()
-        return saved
+    def handle_usr2(self) -> None:
+        """A child asks to be replaced (recycling): the loop starts its replacement next."""
 
     def handle_usr1(self) -> None:
         """Reopen log files (after logrotate moved them), here and in every child."""
@@ -377,9 +340,7 @@ class Master:
             reload, self.reload = self.reload, None
             self.config, self.generation, self.processes = \
                 reload.config, reload.generation, reload.processes
-            self.task_code.restore(reload.task_code)
-            set_current(self.config)
-            freeze_for_fork()
+            self.reloader.roll_back(reload)
             log.error("reload failed: worker %d of the new generation could not start (see "
                       "its error above); generation %d keeps serving. Fix what that error "
                       "names, then reload again", worker.pid, self.generation)

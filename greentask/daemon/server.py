@@ -283,6 +283,10 @@ class ProcessServer:
         if self.slot.state == scoreboard.READY:
             log.info("worker %d asks to be replaced: %s", os.getpid(), reason)
             self.slot.set_state(scoreboard.RECYCLE)
+            if os.getppid() == self.master_pid:
+                # Wake the master now, not at its next pass (half a second of
+                # tasks later): max_tasks_per_child means about that many.
+                os.kill(self.master_pid, signal.SIGUSR2)
 
     def stop_gracefully(self) -> None:
         """Stop accepting, let in-flight tasks finish within graceful_timeout, then stop."""

@@ -29,7 +29,7 @@ _set_signal_handler = get_original("signal", "signal")
 #: The signals the master handles, by the name of their ``handle_<name>``.
 MASTER_SIGNALS = {signal.SIGTERM: "term", signal.SIGINT: "int", signal.SIGQUIT: "quit",
                   signal.SIGCHLD: "chld", signal.SIGHUP: "hup", signal.SIGTTIN: "ttin",
-                  signal.SIGTTOU: "ttou", signal.SIGUSR1: "usr1"}
+                  signal.SIGTTOU: "ttou", signal.SIGUSR1: "usr1", signal.SIGUSR2: "usr2"}
 
 
 class SignalQueue:
