@@ -217,7 +217,9 @@ def test_a_gateway_process_runs_at_most_max_inflight_tasks_over_all_sockets(
     gateway = make_gateway(daemon, max_inflight=2)
     first, second = gateway.connect(), gateway.connect()
     for i in range(2):
-        first.send(json.dumps({"function": "sleep", "args": [1], "id": i}))
+        first.send(json.dumps({"function": "sleep", "args": [5], "id": i}))
+    # Running on the task server means the gateway holds both permits.
+    wait_until(lambda: daemon.inflight() == 2, 10, "both sleeps running")
     second.send(json.dumps({"function": "echo", "args": [1], "id": "late"}))
     refused = json.loads(second.recv())
     assert refused["id"] == "late" and refused["error"]["type"] == "Overloaded"
