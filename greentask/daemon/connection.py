@@ -261,11 +261,8 @@ class Connection:
         """Make room for a new client: close this idle connection, telling the peer how."""
         self.evicted = True
         if self.phase is Phase.HELLO:
-            self._refusal = Unauthorized(
-                "no token sent yet, and this worker needs room for other clients; the "
-                "connection is closed")
-            self.send(encode_error(None, self._refusal))
-            self._close()
+            self._refuse_token("no token sent yet, and this worker needs room for other "
+                               "clients; the connection is closed")
         elif self.uses_ids or not self.sent_requests:
             self.ask_to_close(grace=grace)
         else:
@@ -279,9 +276,7 @@ class Connection:
         pipeline), is told ``closing``; an id-less peer is closed after its
         request in progress; one that has not sent its token is closed.
         """
-        if self.phase is Phase.HELLO:
-            self._close(now)
-        elif self.uses_ids or not self.sent_requests:
+        if self.phase is not Phase.HELLO and (self.uses_ids or not self.sent_requests):
             self.ask_to_close(now, grace)
         else:
             self._close(now)
@@ -354,11 +349,9 @@ class Connection:
             self.check_asked(now)
         elif phase is Phase.HELLO and now - self.phase_since > self.limits.hello_timeout:
             self.admission.note_refused(self.peer, "no token in time")
-            self._refusal = Unauthorized(
-                f"no token within {self.limits.hello_timeout:g} s ([worker] hello_timeout): "
-                'send {"auth": TOKEN} as the first line; the connection is closed')
-            self.send(encode_error(None, self._refusal))
-            self._close(now)
+            self._refuse_token(f"no token within {self.limits.hello_timeout:g} s ([worker] "
+                               'hello_timeout): send {"auth": TOKEN} as the first line; the '
+                               "connection is closed", now)
         elif self._partial_since is not None and now - self._partial_since > limit:
             if self.uses_ids:
                 self.ask_to_close(now)  # a pipelining peer is told, as when idle
@@ -427,9 +420,12 @@ class Connection:
             self._enter(Phase.OPEN)
             return
         self.admission.note_refused(self.peer, "no token, or the wrong one")
-        self._refusal = Unauthorized(
-            'this server requires a token: send {"auth": TOKEN} as the first line '
-            "(TaskClient(auth_token=...), or [gateway] auth_token_file); the connection is "
-            "closed")
+        self._refuse_token('this server requires a token: send {"auth": TOKEN} as the first '
+                           "line (TaskClient(auth_token=...), or [gateway] auth_token_file); "
+                           "the connection is closed")
+
+    def _refuse_token(self, message: str, now: float | None = None) -> None:
+        """Answer Unauthorized, and the same to every line read after it; then close."""
+        self._refusal = Unauthorized(message)
         self.send(encode_error(None, self._refusal))
-        self._close()
+        self._close(now)
