@@ -138,12 +138,15 @@ class Daemon:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def status(self) -> dict:
+        """The master's answer to ``status`` (what ``greentask status --json`` prints)."""
+        from greentask.config import control_socket_path, load
+        from greentask.daemon.control import send_command
+        return send_command(control_socket_path(load(str(self.config))), "status", timeout=30)
+
     def inflight(self) -> int:
         """Tasks running now over all workers, from ``greentask status``."""
-        status = subprocess.run([str(Path(PYTHON).with_name("greentask")), "status", "-c",
-                                 str(self.config), "--json"], capture_output=True, text=True,
-                                timeout=30, cwd=ROOT)
-        return sum(w["inflight"] for w in ujson.loads(status.stdout)["workers"])
+        return sum(w["inflight"] for w in self.status()["workers"])
 
     def wait(self, timeout: float) -> int:
         assert self.proc is not None

@@ -60,6 +60,34 @@ def test_both_processes_serve(daemon, connect):
     assert pids == children
 
 
+def test_a_clients_two_connections_land_on_different_workers(daemon, connect):
+    # Unbalanced, the kernel gives both to one worker about a third of the
+    # time (13 of 40 rounds, measured); a worker with more connections than its
+    # sibling now leaves the next one to it. A sibling slow to wake (a loaded
+    # machine) may still lose one, so a few rounds are allowed.
+    from greentask.daemon.spread import SHORT_LIVED, SHORT_LIVED_REST
+
+    def none_open() -> bool:
+        return not sum(worker["connections"] for worker in daemon.status()["workers"])
+
+    # The fixture's readiness probes were short-lived: the rule rests after them.
+    wait_until(none_open, 10, "the readiness probes' connections to close")
+    time.sleep(SHORT_LIVED_REST)
+    same = 0
+    for _ in range(40):
+        # Counts are the workers' own: each round starts once the last is closed.
+        wait_until(none_open, 10, "the workers to close the last round's connections")
+        pair = [connect(daemon.port), connect(daemon.port)]
+        for conn in pair:
+            conn.send_json({"function": "pid"})
+        first, second = (conn.read_json()["result"] for conn in pair)
+        same += first == second
+        time.sleep(SHORT_LIVED)  # persistent connections, as a TaskClient's
+        for conn in pair:
+            conn.close()
+    assert same <= 4, f"{same} of 40 pairs on one worker"
+
+
 def test_cpu_hog_in_one_child_does_not_stop_the_other(daemon, connect):
     hogged = connect(daemon.port, timeout=30)
     hog_pid = hogged.call({"function": "pid"})["result"]

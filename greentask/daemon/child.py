@@ -15,7 +15,7 @@ import socket
 
 from greentask.config import Config, set_current
 from greentask.daemon.lifecycle import EXIT_BOOT_ERROR, EXIT_OK, set_process_title
-from greentask.daemon.scoreboard import Slot
+from greentask.daemon.scoreboard import Scoreboard
 from greentask.daemon.taskcode import TaskModuleError, import_task_modules
 
 log = logging.getLogger("greentask.worker")
@@ -35,7 +35,7 @@ def drop_privileges(uid: int | None, gid: int | None) -> None:
 
 
 def run_worker(listener: socket.socket, config: Config, master_pid: int, number: int,
-               slot: Slot) -> int:
+               board: Scoreboard, slot_index: int) -> int:
     """Import the tasks (unless the master did), serve until stopped; return the exit status."""
     import gevent
     import gevent.socket
@@ -46,6 +46,7 @@ def run_worker(listener: socket.socket, config: Config, master_pid: int, number:
 
     from greentask import tls
     from greentask.daemon.server import ProcessServer
+    from greentask.daemon.spread import AcceptSpread
     from greentask.registry import default_registry
 
     set_process_title(f"greentask worker [{config.worker.name}] #{number}")
@@ -74,6 +75,7 @@ def run_worker(listener: socket.socket, config: Config, master_pid: int, number:
     max_tasks = config.worker.max_tasks_per_child
     if max_tasks:
         max_tasks += random.randint(0, config.worker.max_tasks_jitter)
-    ProcessServer(gevent_listener, config, default_registry, master_pid, slot, max_tasks,
-                  ssl_context).serve_forever()
+    ProcessServer(gevent_listener, config, default_registry, master_pid,
+                  board.slot(slot_index), max_tasks, ssl_context,
+                  spread=AcceptSpread(board, slot_index)).serve_forever()
     return EXIT_OK

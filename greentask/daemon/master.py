@@ -440,7 +440,7 @@ class Master:
         try:
             self._reset_in_child()
             code = run_worker(self.listener, self.config, master_pid, self._numbers,
-                              self.board.slot(slot_index))
+                              self.board, slot_index)
         except BaseException:
             log.exception("worker %d failed", os.getpid())
         finally:

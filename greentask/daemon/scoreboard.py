@@ -24,6 +24,7 @@ from __future__ import annotations
 import bisect
 import mmap
 import time
+from collections.abc import Collection
 
 from greentask.daemon.lifecycle import STATE_MOVES, WorkerState, check_move
 
@@ -35,13 +36,13 @@ DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0)
 
 #: The fields of a slot, in order.
 FIELDS = ("pid", "generation", "state", "started_at", "heartbeat", "done", "failed",
-          "timed_out", "inflight", "connections", "rss", "duration_sum",
+          "timed_out", "inflight", "connections", "rss", "accepting", "duration_sum",
           *(f"duration_bucket_{i}" for i in range(len(DURATION_BUCKETS) + 1)))
 _INDEX = {name: i for i, name in enumerate(FIELDS)}
 PID, GENERATION, STATE, STARTED_AT, HEARTBEAT, DONE, FAILED, TIMED_OUT, INFLIGHT, \
-    CONNECTIONS, RSS, DURATION_SUM = range(12)
+    CONNECTIONS, RSS, ACCEPTING, DURATION_SUM = range(13)
 #: Index of the first duration bucket (each counts the tasks in its bucket only).
-DURATION_BUCKET = 12
+DURATION_BUCKET = 13
 #: The counters that only grow while a worker lives (summed into totals when it dies).
 TOTALS = (DONE, FAILED, TIMED_OUT, DURATION_SUM,
           *range(DURATION_BUCKET, DURATION_BUCKET + len(DURATION_BUCKETS) + 1))
@@ -177,10 +178,20 @@ class Scoreboard:
         self._names = memoryview(self._name_memory)
         self._count_memory = mmap.mmap(-1, capacity * MAX_FUNCTIONS * len(OUTCOMES) * 8)
         self._counts = memoryview(self._count_memory).cast("d")
+        # One more cell: how many slots have ever been claimed (claims take
+        # the lowest free slot), so a scan stops where the used slots end.
+        self._used_memory = mmap.mmap(-1, 8)
+        self._used = memoryview(self._used_memory).cast("d")
 
     def slot(self, index: int) -> Slot:
         """The slot at ``index``."""
         return Slot(self._cells, self._names, self._counts, index)
+
+    def indices_in(self, states: Collection[float]) -> list[int]:
+        """Indices of the slots whose state is one of ``states`` (cheap: a child may ask often)."""
+        cells, width = self._cells, len(FIELDS)
+        return [index for index in range(int(self._used[0]))
+                if cells[index * width + STATE] in states]
 
     def claim(self, generation: int) -> int:
         """Give a free slot to a child about to be forked; return its index.
@@ -196,6 +207,7 @@ class Scoreboard:
                 slot.set(STARTED_AT, now)
                 slot.set(HEARTBEAT, now)
                 slot.set_state(BOOTING)
+                self._used[0] = max(self._used[0], index + 1)
                 return index
         raise RuntimeError(f"all {self.capacity} worker slots are in use")
 

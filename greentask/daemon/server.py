@@ -25,15 +25,18 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import signal
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from typing import Any
 
 import gevent
 import gevent.socket
 from gevent.event import Event
+from gevent.monkey import get_original
 from gevent.server import StreamServer
 
 from greentask.config import Config
@@ -42,6 +45,7 @@ from greentask.daemon.connection import Admission, Connection, ConnectionLimits,
 from greentask.daemon.lifecycle import WORKER_SIGNALS
 from greentask.daemon.logs import reopen_log_files
 from greentask.daemon.runner import TaskRunner
+from greentask.daemon.spread import AcceptSpread, step_aside
 from greentask.errors import BadRequest, RemoteError, ShuttingDown
 from greentask.protocol import encode_error
 from greentask.refusals import RefusalCounter
@@ -57,6 +61,8 @@ HANDSHAKE_TIMEOUT = 10.0
 #: How often a draining worker checks whether its peers have closed (seconds).
 DRAIN_POLL_INTERVAL = 0.05
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+#: The standard library's poll, for a look at the listener that never waits.
+poll_original = get_original("select", "poll")
 
 
 def close_after_refusal(sock: socket.socket) -> None:
@@ -94,7 +100,8 @@ class ProcessServer:
 
     def __init__(self, listener: socket.socket, config: Config, registry: Registry,
                  master_pid: int, slot: scoreboard.Slot, max_tasks: int = 0,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None,
+                 spread: AcceptSpread | None = None) -> None:
         self.config = config
         self.master_pid = master_pid
         #: This process's row in the master's scoreboard (state, counters, heartbeat).
@@ -105,7 +112,7 @@ class ProcessServer:
             max_tasks=max_tasks, measure_durations=settings.metrics_bind is not None,
             debug=settings.debug, on_recycle=self.request_recycle)
         self.limits = ConnectionLimits.from_settings(settings)
-        self.server = StreamServer(listener, self.handle_connection, spawn=self.runner.spawn)
+        self.server = StreamServer(listener, self.handle_connection, spawn=self._accepted)
         self._max_connections = settings.max_connections
         self._max_per_peer = settings.max_connections_per_peer
         self._closing_grace = settings.closing_grace
@@ -114,7 +121,14 @@ class ProcessServer:
         self._open_sockets = 0
         #: Connections closed to make room that have not ended yet.
         self._leaving = 0
-        self._accept_paused = False
+        #: Not accepting: every connection is busy (until one is idle or closes).
+        self._full = False
+        #: Not accepting for a moment: leaving new connections to siblings.
+        self._aside = False
+        #: Balances connections with the sibling processes (None: alone, or in a test).
+        self.spread = spread
+        self._waiting = poll_original()
+        self._waiting.register(listener.fileno(), select.POLLIN)
         #: TLS on the task port (``[worker] certfile``), or None.
         self.ssl_context = ssl_context
         self._refusals = RefusalCounter(log, f"worker {os.getpid()}: connection")
@@ -128,27 +142,64 @@ class ProcessServer:
         self.refusal: RemoteError | None = None
         self._stopped = Event()
 
+    def _accepted(self, function: Callable[..., None], *args: Any) -> None:
+        # StreamServer's spawn, called in the hub as soon as a connection is
+        # accepted: the count must include it before the next accept.
+        self._open_sockets += 1
+        self.slot.add(scoreboard.CONNECTIONS)
+        if (self.spread is not None and not self._aside
+                and self.spread.over_share(time.monotonic())):
+            self._aside = True
+            self._stop_accepting()
+            self.runner.spawn(self._step_aside)
+        self.runner.spawn(function, *args)
+
     def handle_connection(self, sock: socket.socket, address: Any) -> None:
         """StreamServer handler: serve one connection until it ends.
 
         TCP_NODELAY is set on the listener, and accepted sockets inherit it.
         """
-        self._open_sockets += 1
+        opened_at = time.monotonic()
         if self._open_sockets - self._leaving > self._max_connections:
             self._make_room()  # none idle: this one is served one over the cap
         if self._open_sockets - self._leaving >= self._max_connections and (
                 self._open_sockets >= 2 * self._max_connections or not self._any_evictable()):
             # Full of busy connections: stop accepting; the kernel queues new
             # connections for this process's siblings (or until one is idle).
-            self._accept_paused = True
-            self.server.stop_accepting()
+            self._full = True
+            self._stop_accepting()
         try:
             self._serve_socket(sock, str(address[0]) if address else "?")
         finally:
             self._open_sockets -= 1
-            if self._accept_paused and not self.draining:
-                self._accept_paused = False
-                self.server.start_accepting()
+            self.slot.add(scoreboard.CONNECTIONS, -1)
+            if self.spread is not None:
+                now = time.monotonic()
+                self.spread.closed(now - opened_at, now)
+            if self._full:
+                self._full = False
+                self._resume_accepting()
+
+    def _resume_accepting(self) -> None:
+        if not (self.draining or self._full or self._aside):
+            self.server.start_accepting()
+            self.slot.set(scoreboard.ACCEPTING, 1)
+
+    def _stop_accepting(self) -> None:
+        # Siblings read ACCEPTING: none leaves a connection to this process now.
+        self.slot.set(scoreboard.ACCEPTING, 0)
+        self.server.stop_accepting()
+
+    def _step_aside(self) -> None:
+        assert self.spread is not None
+        try:
+            step_aside(self.spread, self._connection_waiting, gevent.sleep)
+        finally:
+            self._aside = False
+            self._resume_accepting()
+
+    def _connection_waiting(self) -> bool:
+        return bool(self._waiting.poll(0))
 
     def _serve_socket(self, sock: socket.socket, peer: str) -> None:
         if self.ssl_context is not None:
@@ -190,14 +241,12 @@ class ProcessServer:
         if admission is not self:
             connection.ask_to_close(grace=self._closing_grace)
         self.connections[connection] = None
-        self.slot.add(scoreboard.CONNECTIONS)
         try:
             connection.serve()
         finally:
             del self.connections[connection]
             if connection.evicted:
                 self._leaving -= 1
-            self.slot.add(scoreboard.CONNECTIONS, -1)
             if self._max_per_peer:
                 self._per_peer[peer] -= 1
                 if not self._per_peer[peer]:
@@ -241,6 +290,7 @@ class ProcessServer:
         # while it booted is delivered now, to the handlers above.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
         self.server.start()
+        self.slot.set(scoreboard.ACCEPTING, 1)
         self.slot.set(scoreboard.PID, os.getpid())
         self.slot.beat()
         self.slot.set_state(scoreboard.READY)
@@ -263,11 +313,11 @@ class ProcessServer:
             now = time.monotonic()
             for connection in list(self.connections):
                 connection.check_idle(now, idle_timeout)
-            if self._accept_paused and not self.draining and self._any_evictable():
+            if self._full and self._any_evictable():
                 # Full of busy connections before; one is idle now: let a
                 # waiting client in (its accept makes the room).
-                self._accept_paused = False
-                self.server.start_accepting()
+                self._full = False
+                self._resume_accepting()
             if os.getppid() != self.master_pid:
                 log.error("master %d is gone; worker %d exits", self.master_pid, os.getpid())
                 self.stop_now()
@@ -300,6 +350,7 @@ class ProcessServer:
         gevent.spawn(self._drain)
 
     def _drain(self) -> None:
+        self.slot.set(scoreboard.ACCEPTING, 0)
         self.server.close()
         settings = self.config.worker
         grace = settings.graceful_timeout
