@@ -64,6 +64,8 @@ class ReplyWriter:
         #: Reply lines lost because the peer was gone.
         self.dropped = 0
         self._outbox: list[bytes] = []
+        #: What the write loop is sending now (taken out of the outbox).
+        self._sending = b""
         self._flush_scheduled = False
         self._writer: gevent.Greenlet | None = None
         self._loop = gevent.get_hub().loop
@@ -138,12 +140,14 @@ class ReplyWriter:
 
     def _write_loop(self) -> None:
         while self._outbox:
-            data = self._take()
+            self._sending = self._take()
             try:
-                self.sock.sendall(data)
+                self.sock.sendall(self._sending)
             except OSError as exc:
-                self._fail(data, exc)
+                self._fail(b"", exc)
                 break
+            finally:
+                self._sending = b""
             self._sent()
         self._writer = None
 
@@ -154,9 +158,14 @@ class ReplyWriter:
         if not self._outbox:
             self._flushed.set()
 
-    def _fail(self, data: bytes, exc: OSError) -> None:
+    def _fail(self, unsent: bytes, exc: OSError) -> None:
+        if self.broken:
+            return  # cut off, then the blocked send failed: counted once
         self.broken = True
-        self.dropped += data.count(b"\n") + sum(d.count(b"\n") for d in self._outbox)
+        # The replies in the chunk being sent count too: the peer took none of
+        # a cut-off chunk, or the chunk was lost with the connection.
+        self.dropped += sum(chunk.count(b"\n") for chunk in (unsent, self._sending,
+                                                             *self._outbox))
         self._outbox = []
         self.size = 0
         self.writable.set()
