@@ -291,7 +291,7 @@ def test_chaos_a_child_killed_every_second_under_200_callers(make_daemon):
         for thread in callers:
             thread.start()
         kills = 0
-        for _ in range(20):
+        for _ in range(10):
             time.sleep(1)
             children = daemon.children()
             if children:
