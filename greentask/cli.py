@@ -11,6 +11,7 @@ import ujson
 from greentask.client import TaskClient
 from greentask.config import control_socket_path, load, render_markdown
 from greentask.daemon.control import ControlError, format_status, send_command
+from greentask.daemon.outcomes import wait_for_outcome
 from greentask.errors import ConfigError, GreentaskError
 from greentask.gateway.upstream import client_context
 
@@ -53,17 +54,26 @@ def _build_parser() -> argparse.ArgumentParser:
     call.add_argument("--progress", action="store_true", help="print progress lines")
     call.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (60)")
     commands.add_parser("config-doc", help="print docs/config.md, made from the settings")
-    for name, text in (("status", "show the master and each worker: state, counters, tasks/s"),
-                       ("reload", "reload config and task code with zero loss (like SIGHUP)"),
-                       ("stop", "stop gracefully (like SIGTERM)"),
-                       ("scale", "set the number of worker processes")):
-        control = commands.add_parser(name, help=text, description=text)
+    for name, text in (
+            ("status", "show the master and each worker: state, counters, tasks/s"),
+            ("reload", "reload config and task code with zero loss (like SIGHUP); wait until "
+                       "the new generation serves or the reload fails"),
+            ("stop", "stop gracefully (like SIGTERM); wait until the master has exited"),
+            ("scale", "set the number of worker processes; wait until that many serve")):
+        control = commands.add_parser(name, help=text, description=text + (
+            "" if name == "status" else ". Exit 0 once done, 1 if it failed or is not done "
+                                        "within --timeout."))
         if name == "scale":
             control.add_argument("processes", type=_at_least_one, help="worker processes wanted")
         if name == "status":
             control.add_argument("--json", action="store_true", help="print JSON")
+        else:
+            control.add_argument("--timeout", type=float, default=60.0,
+                                 help="seconds to wait for the outcome (60)")
         control.add_argument("-c", "--config", metavar="FILE",
                              help="the daemon's INI file (finds its control socket)")
+        control.add_argument("--bind", metavar="HOST:PORT",
+                             help="the --bind the daemon was started with, if any")
         control.add_argument("--socket", metavar="PATH", help="the control socket itself")
     return parser
 
@@ -113,24 +123,30 @@ def call(args: argparse.Namespace) -> int:
 
 def control(args: argparse.Namespace) -> int:
     """``greentask status|reload|stop|scale``: talk to the master's control socket."""
+    overrides = {} if args.bind is None else {("worker", "bind"): args.bind}
     try:
-        path = args.socket or control_socket_path(load(args.config))
+        path = args.socket or control_socket_path(load(args.config, overrides=overrides))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    arguments = {"processes": args.processes} if args.command == "scale" else {}
     try:
-        reply = send_command(path, args.command, **arguments)
+        status = send_command(path, "status")
+        if args.command == "status":
+            if args.json:
+                print(_dumps({"master": status["master"], "workers": status["workers"]}))
+            else:
+                print(format_status(status))
+            return 0
+        processes = args.processes if args.command == "scale" else None
+        arguments = {} if processes is None else {"processes": processes}
+        send_command(path, args.command, **arguments)
     except ControlError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_TASK_FAILED
-    if args.command != "status":
-        print(reply["message"])
-    elif args.json:
-        print(_dumps({"master": reply["master"], "workers": reply["workers"]}))
-    else:
-        print(format_status(reply))
-    return 0
+    outcome = wait_for_outcome(path, args.command, status, args.timeout, processes)
+    print(outcome.message if outcome.ok else f"error: {outcome.message}",
+          file=sys.stdout if outcome.ok else sys.stderr)
+    return 0 if outcome.ok else EXIT_TASK_FAILED
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,7 @@ import ujson
 
 from greentask import TaskClient, TaskError
 
-from .conftest import ROOT, wait_until
+from .conftest import ROOT, free_port, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -53,16 +53,86 @@ def test_status_shows_every_worker_and_counters_that_move(daemon):
     assert all(w["heartbeat_age"] < 2 for w in workers)
 
 
-def test_reload_scale_and_stop_commands(daemon):
+def test_reload_scale_and_stop_report_what_happened_once_it_has(daemon):
     before = set(daemon.children())
-    assert greentask("reload", "-c", str(daemon.config)).stdout.strip() == "reload started"
-    daemon.wait_for_children(2, 15, exclude=before)
-    assert greentask("scale", "3", "-c", str(daemon.config)).returncode == 0
-    daemon.wait_for_children(3, 10)
+    result = greentask("reload", "-c", str(daemon.config))
+    assert (result.returncode, result.stdout.strip()) == \
+        (0, "reloaded: generation 2 serves with 2 worker processes"), result.stderr
+    status = daemon.status()
+    serving = {w["pid"] for w in status["workers"] if not w["retiring"]}
+    assert len(serving) == 2 and not serving & before  # done when it says so, no wait
+    assert status["master"]["reload"] == {"number": 1, "state": "serving", "generation": 2,
+                                          "error": None}
+    result = greentask("scale", "3", "-c", str(daemon.config))
+    assert (result.returncode, result.stdout.strip()) == \
+        (0, "scaled to 3 worker processes, all serving"), result.stderr
+    assert sum(w["state"] == "ready" for w in daemon.status()["workers"]) == 3
     result = greentask("scale", "0", "-c", str(daemon.config))
     assert result.returncode == 2 and "at least 1" in result.stderr
-    assert greentask("stop", "-c", str(daemon.config)).stdout.strip() == "stop started"
-    assert daemon.wait(15) == 0
+    result = greentask("stop", "-c", str(daemon.config))
+    assert (result.returncode, result.stdout.strip()) == (0, "stopped"), result.stderr
+    assert daemon.wait(5) == 0
+
+
+def test_a_reload_that_fails_says_why_and_exits_1(make_daemon, tmp_path):
+    modules = tmp_path / "modules"
+    modules.mkdir()
+    (modules / "mine.py").write_text("from greentask import task\n\n\n@task\n"
+                                     "def mine():\n    return 1\n")
+    daemon = make_daemon(tasks="greentask.examples.basic, mine",
+                         env={"PYTHONPATH": str(modules)})
+    (modules / "mine.py").write_text("def broken(:\n")
+    result = greentask("reload", "-c", str(daemon.config))
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: reload failed: the task code does not load: ")
+    assert "SyntaxError" in result.stderr, result.stderr
+    with TaskClient([daemon.address]) as client:
+        assert client.call("mine") == 1  # generation 1 serves on
+    path = daemon.status()["master"]["control_socket"]
+    daemon.config.write_text(daemon.config.read_text().replace(
+        "[worker]\n", "[worker]\nconcurrency = many\n", 1))
+    result = greentask("reload", "-c", str(daemon.config))
+    assert result.returncode == 2 and "concurrency = 'many'" in result.stderr  # not sent
+    result = greentask("reload", "--socket", path)  # sent: the master refuses it
+    assert result.returncode == 1
+    assert "reload failed: the config does not load: " in result.stderr
+    assert "concurrency = 'many'" in result.stderr
+
+
+def test_scale_is_refused_above_max_processes_and_nothing_changes(make_daemon):
+    daemon = make_daemon(max_processes=3)
+    result = greentask("scale", "1000", "-c", str(daemon.config))
+    assert result.returncode == 1
+    assert "scale 1000: more than [worker] max_processes = 3; nothing changed" in result.stderr
+    assert daemon.status()["master"]["processes"] == 2
+    assert greentask("scale", "3", "-c", str(daemon.config)).returncode == 0
+    daemon.signal(signal.SIGTTIN)
+    wait_until(lambda: "already at [worker] max_processes = 3" in daemon.log(), 10,
+               "SIGTTIN to be refused")
+    assert daemon.status()["master"]["processes"] == 3
+
+
+def test_processes_above_max_processes_stop_the_start_with_2(make_daemon):
+    daemon = make_daemon(start=False, processes=4, max_processes=3)
+    daemon.start(wait=False)
+    assert daemon.wait(15) == 2
+    assert "[worker] processes = 4 is more than [worker] max_processes = 3" in daemon.log()
+
+
+def test_control_commands_find_a_daemon_started_with_bind(make_daemon, tmp_path):
+    daemon = make_daemon(start=False)
+    config_port = daemon.port
+    daemon.port = free_port()
+    daemon.proc = subprocess.Popen(
+        [sys.executable, "-m", "greentask.worker", "-c", str(daemon.config), "--bind",
+         daemon.address], cwd=ROOT, stdout=open(daemon.log_path, "wb"),
+        stderr=subprocess.STDOUT, env=daemon.env)
+    wait_until(lambda: daemon.log().count("serving") == 2, 15, "the daemon to serve")
+    result = greentask("status", "-c", str(daemon.config))
+    assert result.returncode == 1 and "--bind" in result.stderr
+    result = greentask("status", "-c", str(daemon.config), "--bind", daemon.address)
+    assert result.returncode == 0 and f"listening at {daemon.address}" in result.stdout
+    assert config_port != daemon.port
 
 
 def test_scale_refuses_nonsense(daemon):
@@ -235,3 +305,43 @@ def _scrape_or_none(port: int) -> dict | None:
         return scrape(port)
     except OSError:
         return None
+
+
+def test_a_big_scale_up_is_forked_in_batches_and_reported_once_done(make_daemon):
+    from greentask.daemon.master import FORKS_PER_PASS
+    daemon = make_daemon(processes=1, max_processes=2 * FORKS_PER_PASS + 2)
+    wanted = 2 * FORKS_PER_PASS + 2
+    result = greentask("scale", str(wanted), "-c", str(daemon.config), "--timeout", "60")
+    assert (result.returncode, result.stdout.strip()) == \
+        (0, f"scaled to {wanted} worker processes, all serving"), result.stderr
+    result = greentask("scale", "1", "-c", str(daemon.config))
+    assert (result.returncode, result.stdout.strip()) == \
+        (0, "scaled to 1 worker process, all serving"), result.stderr
+
+
+def test_outcomes_read_from_status_replies():
+    from greentask.daemon.outcomes import reload_outcome, scale_outcome, timed_out
+
+    def status(reload_number, state, workers, error=None):
+        return {"master": {"generation": 2, "processes": 2,
+                           "reload": {"number": reload_number, "state": state,
+                                      "generation": 2, "error": error}},
+                "workers": [{"state": s, "retiring": r, "inflight": 1} for s, r in workers]}
+
+    before = status(0, "none", [("ready", False)] * 2)
+    assert reload_outcome(before, before) is None  # the HUP is not handled yet
+    assert reload_outcome(before, status(1, "in progress", [("booting", False)] * 2)) is None
+    assert reload_outcome(before, status(1, "serving", [("ready", False)] * 2 +
+                                         [("draining", True)])).message == \
+        "reloaded: generation 2 serves with 2 worker processes"
+    failed = reload_outcome(before, status(1, "failed", [("ready", False)], "it broke"))
+    assert (failed.ok, failed.message) == (False, "reload failed: it broke")
+    assert scale_outcome(3, status(0, "none", [("ready", False)] * 2 +
+                                   [("booting", False)])) is None
+    assert scale_outcome(2, status(0, "none", [("ready", False)] * 3)) is None
+    assert scale_outcome(2, status(0, "none", [("ready", False)] * 2 + [("draining", True)]))
+    assert timed_out("stop", status(0, "none", [("draining", True)] * 2), 5).message == \
+        "the master is still stopping after 5 s: 2 task(s) in flight, which it lets finish " \
+        "within [worker] graceful_timeout"
+    assert "1 of 2 worker processes serve" in timed_out(
+        "reload", status(1, "in progress", [("ready", False), ("booting", False)]), 60).message

@@ -63,6 +63,27 @@ def to_processes(text: str) -> int:
         raise ValueError("expected 'auto' or a whole number of at least 1") from None
 
 
+#: Memory that ``max_processes = auto`` allows each worker process (bytes).
+MEMORY_PER_PROCESS = 64 << 20
+
+
+def auto_max_processes() -> int:
+    """The most worker processes this machine takes safely: 8 per CPU, at most one per
+    64 MiB of memory (and at least one)."""
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return max(1, min(8 * (os.cpu_count() or 1), memory // MEMORY_PER_PROCESS))
+
+
+def to_max_processes(text: str) -> int:
+    """``auto`` (8 per CPU, at most one per 64 MiB of memory) or a whole number of at least 1."""
+    if text.strip().lower() == "auto":
+        return auto_max_processes()
+    try:
+        return to_positive_int(text)
+    except ValueError:
+        raise ValueError("expected 'auto' or a whole number of at least 1") from None
+
+
 def to_seconds(text: str) -> float:
     """A positive number of seconds."""
     try:

@@ -97,6 +97,11 @@ def load(path: str | None = None, environ: Mapping[str, str] | None = None,
             for key, text in keys.items():
                 setting = BY_SECTION[section][key]
                 setattr(sections[section], key, _convert(setting, text, origin))
+    worker = sections["worker"]
+    if worker.processes > worker.max_processes:
+        raise ConfigError(f"[worker] processes = {worker.processes} is more than [worker] "
+                          f"max_processes = {worker.max_processes}: lower processes, or raise "
+                          "max_processes if this machine can run that many")
     return Config(path=path, **sections)
 
 

@@ -23,6 +23,7 @@ from greentask.config.converters import (
     to_key_file,
     to_logfile,
     to_loglevel,
+    to_max_processes,
     to_module_list,
     to_name,
     to_name_list,
@@ -76,6 +77,10 @@ SETTINGS: tuple[Setting, ...] = (
             "lets anyone who reaches it run tasks."),
     Setting("worker", "processes", "auto", to_processes,
             "Number of forked worker processes."),
+    Setting("worker", "max_processes", "auto", to_max_processes,
+            "Most worker processes `processes`, `greentask scale` and SIGTTIN may ask for; "
+            "past what the machine's CPUs and memory serve, more processes only make the "
+            "master slow to answer."),
     Setting("worker", "tasks", "greentask.examples.basic, greentask.examples.mail",
             to_module_list,
             "Task modules whose @task functions the workers serve. Imported after gevent's "

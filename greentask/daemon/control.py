@@ -34,6 +34,10 @@ class ControlError(GreentaskError):
     """The control socket cannot be reached, or the master refused the command."""
 
 
+class NoMaster(ControlError):
+    """No master listens at the control socket (none runs with this config, or it exited)."""
+
+
 class ControlServer(OneShotServer):
     """The master's control socket: one JSON command in, one JSON reply out."""
 
@@ -110,8 +114,9 @@ def send_command(path: str, command: str, timeout: float = 5.0,
                     break
                 data += chunk
     except (FileNotFoundError, ConnectionRefusedError):
-        raise ControlError(f"no greentask master answers at {path}: is it running with "
-                           "this config? (start it with scripts/run)") from None
+        raise NoMaster(f"no greentask master answers at {path}: is it running with this "
+                       "config (and --bind, if it was started with one)? Start it with "
+                       "scripts/run") from None
     except OSError as exc:
         raise ControlError(f"cannot talk to the master at {path}: {exc}") from None
     try:

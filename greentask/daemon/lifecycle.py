@@ -74,6 +74,11 @@ def _state_name(state: enum.Enum) -> str:
     return state.value if isinstance(state.value, str) else state.name.lower()
 
 
+def processes_text(count: int) -> str:
+    """``1 worker process``, ``2 worker processes``: for logs and command output."""
+    return f"{count} worker process{'' if count == 1 else 'es'}"
+
+
 def set_process_title(title: str) -> None:
     """Show ``title`` in ps and top, when setproctitle is installed."""
     try:

@@ -51,13 +51,14 @@ from greentask.daemon.lifecycle import (
     EXIT_CONFIG,
     EXIT_OK,
     WORKER_SIGNALS,
+    processes_text,
     set_process_title,
 )
 from greentask.daemon.listener import BindError, bind_listener
 from greentask.daemon.logs import reopen_log_files
 from greentask.daemon.oneshot import OneShotServer
 from greentask.daemon.preload import prepare_master
-from greentask.daemon.reload import Reloader, ReloadInFlight
+from greentask.daemon.reload import Reloader, ReloadInFlight, ReloadOutcome, ReloadRefused
 from greentask.daemon.taskcode import TaskCode, TaskModuleError
 from greentask.daemon.wakeup import SignalQueue
 from greentask.registry import default_registry
@@ -79,6 +80,9 @@ LOOP_INTERVAL = 0.5
 KILL_MARGIN = 2.0
 #: How long children get to exit on a fast stop (seconds).
 FAST_STOP_TIMEOUT = 2.0
+#: Most children forked in one pass of the loop: the control socket and
+#: signals are served between passes, so a big scale-up never silences them.
+FORKS_PER_PASS = 8
 #: After SIGABRT, how long a hung child gets to dump its traceback before SIGKILL.
 ABORT_GRACE = 1.0
 #: Children in a row that may die before they ever serve, before the master
@@ -110,11 +114,15 @@ class Master:
         self.exit_code = EXIT_OK
         #: Set from a HUP until the old generation is retired.
         self.reload: ReloadInFlight | None = None
+        #: What became of the last reload (``greentask reload`` waits on it).
+        self.last_reload = ReloadOutcome()
         self.signals = SignalQueue()
         self._stop_deadline: float | None = None
         self._failed_starts = 0
         self._respawn_at = 0.0
         self._numbers = 0
+        #: More children to fork than one pass forks: the next pass does not wait.
+        self._forks_left = False
         self._started_at = time.monotonic()
         self.control: ControlServer | None = None
         self.metrics: OneShotServer | None = None
@@ -148,9 +156,9 @@ class Master:
         assert self.listener is not None and self.control is not None
         host, port = self.listener.getsockname()[:2]
         set_process_title(f"greentask master [{self.config.worker.name}]")
-        log.info("%s master %d listening at %s:%d with %d worker processes; control socket "
-                 "%s", self.config.worker.name, os.getpid(), host, port, self.processes,
-                 self.control.path)
+        log.info("%s master %d listening at %s:%d with %s; control socket %s",
+                 self.config.worker.name, os.getpid(), host, port,
+                 processes_text(self.processes), self.control.path)
         self.signals.install()
         try:
             while self.workers or not self.stopping:
@@ -209,7 +217,7 @@ class Master:
     def _sleep(self) -> None:
         assert self.control is not None
         servers = [self.control] if self.metrics is None else [self.control, self.metrics]
-        self.signals.sleep(servers, LOOP_INTERVAL)
+        self.signals.sleep(servers, 0.0 if self._forks_left else LOOP_INTERVAL)
 
     def handle_term(self) -> None:
         """Graceful stop; a second TERM makes it fast."""
@@ -237,14 +245,18 @@ class Master:
     def handle_hup(self) -> None:
         """Reload: re-read the config and replace every child with a new generation."""
         if self.stopping:
+            self.last_reload.refused(self.generation, "the master is stopping")
             return
-        begun = self.reloader.begin(self.config, self.generation, self.processes)
-        if begun is None:
+        try:
+            config, self.reload = self.reloader.begin(self.config, self.generation,
+                                                      self.processes)
+        except ReloadRefused as exc:
+            self.last_reload.refused(self.generation, str(exc))
             return
-        config, self.reload = begun
         self.config = config
         self.processes = config.worker.processes
         self.generation += 1
+        self.last_reload.begun(self.generation)
         logging.getLogger().setLevel(config.worker.loglevel)
         log.info("SIGHUP: reloading: starting generation %d (%d workers)", self.generation,
                  self.processes)
@@ -259,14 +271,18 @@ class Master:
         log.info("SIGUSR1: log files reopened")
 
     def handle_ttin(self) -> None:
-        """One more child."""
+        """One more child, up to ``max_processes``."""
+        if self.processes >= self.config.worker.max_processes:
+            log.warning("SIGTTIN: already at [worker] max_processes = %d; raise it to run more",
+                        self.config.worker.max_processes)
+            return
         self.processes += 1
-        log.info("SIGTTIN: %d worker processes", self.processes)
+        log.info("SIGTTIN: %s", processes_text(self.processes))
 
     def handle_ttou(self) -> None:
         """One child fewer (never fewer than one)."""
         self.processes = max(1, self.processes - 1)
-        log.info("SIGTTOU: %d worker processes", self.processes)
+        log.info("SIGTTOU: %s", processes_text(self.processes))
 
     def signal_workers(self, signum: int) -> None:
         """Send ``signum`` to every child."""
@@ -344,6 +360,9 @@ class Master:
             log.error("reload failed: worker %d of the new generation could not start (see "
                       "its error above); generation %d keeps serving. Fix what that error "
                       "names, then reload again", worker.pid, self.generation)
+            self.last_reload.failed(
+                f"worker {worker.pid} of the new generation could not start (its error is in "
+                f"the worker log); generation {self.generation} keeps serving")
             for other in list(self.workers.values()):
                 if other.generation > self.generation:
                     self.retire(other, "failed reload")
@@ -367,8 +386,11 @@ class Master:
                                     -w.started_at), reverse=True)
         for extra in current[self.processes:]:
             self.retire(extra, "scale")
-        if time.monotonic() >= self._respawn_at:
-            for _ in range(self.processes - len(current)):
+        missing = self.processes - len(current)
+        may_fork = time.monotonic() >= self._respawn_at
+        self._forks_left = may_fork and missing > FORKS_PER_PASS
+        if may_fork:
+            for _ in range(min(missing, FORKS_PER_PASS)):
                 self.spawn_worker()
         ready = sum(self.board.slot(w.slot_index).state == scoreboard.READY
                     for w in current[:self.processes])
@@ -379,8 +401,9 @@ class Master:
         while outgoing and ready + len(outgoing) - 1 >= self.processes:
             oldest = outgoing.pop(0)
             self.retire(oldest, "reload" if oldest.generation != self.generation else "recycle")
-        if not outgoing:
+        if not outgoing and self.reload is not None:
             self.reload = None
+            self.last_reload.serving()
 
     def retire(self, worker: WorkerProcess, cause: str) -> None:
         """Tell a child to drain and exit; ``cause`` is counted in the metrics."""
@@ -467,9 +490,14 @@ class Master:
             processes = command.get("processes")
             if not isinstance(processes, int) or isinstance(processes, bool) or processes < 1:
                 raise ControlError("scale needs a whole number of processes, at least 1")
+            most = self.config.worker.max_processes
+            if processes > most:
+                raise ControlError(f"scale {processes}: more than [worker] max_processes = "
+                                   f"{most}; nothing changed (raise max_processes in the config "
+                                   "and reload, if this machine can run that many)")
             self.processes = processes
-            log.info("scaled to %d worker processes", processes)
-            return {"message": f"scaling to {processes} worker processes"}
+            log.info("scaling to %s", processes_text(processes))
+            return {"message": f"scaling to {processes_text(processes)}"}
         raise ControlError(f"unknown command {name!r}; the commands are status, reload, stop "
                            "and scale")
 
@@ -479,7 +507,10 @@ class Master:
         return {"master": {"pid": os.getpid(), "name": self.config.worker.name,
                            "bind": f"{host}:{port}", "generation": self.generation,
                            "processes": self.processes,
-                           "uptime": time.monotonic() - self._started_at},
+                           "uptime": time.monotonic() - self._started_at,
+                           "stopping": self.stopping,
+                           "control_socket": self.control.path if self.control else None,
+                           "reload": self.last_reload.as_dict()},
                 "workers": self.census.worker_rows(self.workers.values())}
 
     def metrics_snapshot(self) -> tuple[list[float], list[dict[str, object]], dict[str, object]]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from greentask.config import Config, set_current
 from greentask.daemon.preload import freeze_for_fork
@@ -21,6 +22,49 @@ from greentask.daemon.taskcode import SavedCode, TaskCode, TaskModuleError
 from greentask.errors import ConfigError
 
 log = logging.getLogger("greentask.master")
+
+
+class ReloadRefused(Exception):
+    """A reload that did not begin: the config or the task code does not load (logged)."""
+
+
+class ReloadOutcome:
+    """What became of the last reload, for ``greentask reload`` to wait on.
+
+    ``number`` counts the reloads the master has begun or refused; ``state``
+    is ``"none"`` (no reload yet), ``"in progress"``, ``"serving"`` (the new
+    generation serves, the old one is retired) or ``"failed"`` (``error``
+    says why; the generation that ran before keeps serving).
+    """
+
+    def __init__(self) -> None:
+        self.number = 0
+        self.state = "none"
+        self.generation = 1
+        self.error: str | None = None
+
+    def begun(self, generation: int) -> None:
+        """A reload started generation ``generation``."""
+        self.number += 1
+        self.state, self.generation, self.error = "in progress", generation, None
+
+    def refused(self, generation: int, error: str) -> None:
+        """A reload did not begin; generation ``generation`` keeps serving."""
+        self.number += 1
+        self.state, self.generation, self.error = "failed", generation, error
+
+    def failed(self, error: str) -> None:
+        """The reload in progress was rolled back."""
+        self.state, self.error = "failed", error
+
+    def serving(self) -> None:
+        """The new generation serves and the old one is retired."""
+        self.state = "serving"
+
+    def as_dict(self) -> dict[str, Any]:
+        """The outcome as ``greentask status --json`` shows it."""
+        return {"number": self.number, "state": self.state, "generation": self.generation,
+                "error": self.error}
 
 
 @dataclass(frozen=True)
@@ -63,20 +107,23 @@ class Reloader:
         return saved
 
     def begin(self, running: Config, generation: int,
-              processes: int) -> tuple[Config, ReloadInFlight] | None:
-        """The new config and what it replaces; None (the cause logged) when refused."""
+              processes: int) -> tuple[Config, ReloadInFlight]:
+        """The new config and what it replaces.
+
+        Raises :class:`ReloadRefused` (the cause logged) when either does not load.
+        """
         try:
             config = self._read_config() if self._read_config else running
         except ConfigError as exc:
             log.error("SIGHUP: reload refused, the running workers keep serving: %s", exc)
-            return None
+            raise ReloadRefused(f"the config does not load: {exc}") from None
         try:
             saved_code = self.load(config, running)
         except TaskModuleError as exc:
             log.error("SIGHUP: reload failed, generation %d keeps serving: %s. Fix the "
                       "[worker] tasks modules, then reload again", generation, exc,
                       exc_info=exc.__cause__)
-            return None
+            raise ReloadRefused(f"the task code does not load: {exc}") from None
         if config.worker.bind != running.worker.bind:
             log.warning("SIGHUP: [worker] bind changed; the listener stays at %s:%d until a "
                         "restart", *running.worker.bind)
