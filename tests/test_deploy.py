@@ -74,8 +74,9 @@ def supervisord(tmp_path):
 
 def test_supervisord_runs_reloads_drains_and_shuts_down(supervisord):
     def both_running() -> bool:
-        status = supervisord.ctl("status").stdout
-        return status.count("RUNNING") == 2
+        states = dict(line.split()[:2] for line in supervisord.ctl("status").stdout.splitlines()
+                      if line.strip())
+        return states.get("greentask-worker") == states.get("greentask-gateway") == "RUNNING"
     wait_until(both_running, 60, "both programs RUNNING")
     wait_until(lambda: port_open(supervisord.port) and port_open(supervisord.gateway_port), 30,
                "both ports")
@@ -304,6 +305,56 @@ def test_scripts_run_starts_everything_and_its_stop_command_works(tmp_path):
     finally:
         pids = descendants(proc.pid)
         if proc.poll() is None:
+            proc.kill()
+        for pid in pids:
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def run_environment(tmp_path: Path, port: int, gateway_port: int) -> dict[str, str]:
+    """scripts/run's environment for a test: its own ports and run directory."""
+    return {**os.environ, "GREENTASK_RUN_DIR": str(tmp_path / "run"),
+            "GREENTASK_WORKER_BIND": f"127.0.0.1:{port}",
+            "GREENTASK_GATEWAY_TASK_SERVERS": f"127.0.0.1:{port}",
+            "GUNICORN_CMD_ARGS": f"--bind 127.0.0.1:{gateway_port}"}
+
+
+def test_scripts_run_names_the_program_that_holds_its_port(tmp_path):
+    port, gateway_port = free_port(), free_port()
+    holder = subprocess.Popen([sys.executable, "-c", "import socket, time; s = socket.socket(); "
+                               f"s.bind(('127.0.0.1', {port})); s.listen(); time.sleep(60)"])
+    try:
+        wait_until(lambda: port_open(port), 10, "the port holder to listen")
+        result = subprocess.run(["scripts/run"], cwd=ROOT, capture_output=True, text=True,
+                                env=run_environment(tmp_path, port, gateway_port), timeout=120)
+        assert result.returncode == 1
+        assert f"the task port 127.0.0.1:{port} is in use by pid {holder.pid}: " \
+               f"{sys.executable} -c import socket" in result.stderr
+        assert "GREENTASK_WORKER_BIND" in result.stderr
+        assert not (tmp_path / "run" / "supervisord.pid").exists()  # nothing was started
+    finally:
+        holder.kill()
+        holder.wait(5)
+
+
+def test_scripts_run_shows_why_a_program_gave_up(tmp_path):
+    port, gateway_port = free_port(), free_port()
+    env = {**run_environment(tmp_path, port, gateway_port),
+           "GREENTASK_WORKER_TASKS": "greentask.examples.basic, no_such_task_module"}
+    banner = tmp_path / "banner"
+    with open(banner, "wb") as out:
+        proc = subprocess.Popen(["scripts/run"], cwd=ROOT, env=env, stdout=out, stderr=out)
+    try:
+        wait_until(lambda: "greentask-worker gave up after failing to start" in
+                   banner.read_text(), 90, f"the worker's FATAL report\n{banner.read_text()}")
+        report = banner.read_text().split("greentask-worker gave up after failing to start")[1]
+        assert "no_such_task_module" in report and "the workers could not start" in report
+    finally:
+        pids = descendants(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
             proc.kill()
         for pid in pids:
             if pid_alive(pid):
