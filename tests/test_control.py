@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -345,3 +346,20 @@ def test_outcomes_read_from_status_replies():
         "within [worker] graceful_timeout"
     assert "1 of 2 worker processes serve" in timed_out(
         "reload", status(1, "in progress", [("ready", False), ("booting", False)]), 60).message
+
+
+@pytest.mark.parametrize("preload_tasks", ["true", "false"])
+def test_the_start_lines_name_every_address_and_the_task_modules(make_daemon, preload_tasks):
+    metrics_port = free_port()
+    daemon = make_daemon(processes=1, metrics_bind=f"127.0.0.1:{metrics_port}",
+                         preload_tasks=preload_tasks)
+    log = daemon.log()
+    path = daemon.status()["master"]["control_socket"]
+    assert f"master {daemon.pid} listening at {daemon.address} with 1 worker process; " \
+           f"control socket {path}; metrics at http://127.0.0.1:{metrics_port}/metrics" in log
+    modules = "greentask.examples.basic, greentask.examples.mail, tests.tasks_for_tests"
+    if preload_tasks == "true":
+        assert f"task modules {modules}: " in log
+        assert re.search(r": \d+ tasks \(bad_progress, cpu, echo, ", log)
+    else:
+        assert f"task modules {modules}: each worker imports them (preload_tasks = false)" in log

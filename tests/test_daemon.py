@@ -133,6 +133,28 @@ def test_bad_input_gets_its_error_and_the_connection_keeps_working(
         "ok": True, "result": {"still": "alive"}}
 
 
+def test_every_failed_task_is_one_warning_with_its_request_peer_and_traceback(daemon,
+                                                                             connect):
+    conn = connect(daemon.port)
+    assert conn.call({"function": "fail", "args": ["no such user -1"], "id": 7})["ok"] is False
+    assert conn.call({"function": "sleep", "args": [5], "id": "slow", "timeout": 0.2}
+                     )["error"]["type"] == "Timeout"
+    assert conn.call({"function": "not_json", "id": 9})["ok"] is False
+    wait_until(lambda: "(id 9, from 127.0.0.1) failed:" in daemon.log(), 10, "the third line")
+    log = daemon.log()
+    assert "[WARNING] task 'fail' (id 7, from 127.0.0.1) raised RuntimeError: no such user -1" \
+        in log
+    traceback_text = log.split("raised RuntimeError: no such user -1", 1)[1]
+    assert traceback_text.lstrip("\n").startswith("Traceback (most recent call last):")
+    assert 'in fail\n    raise RuntimeError(message)' in traceback_text
+    assert "[WARNING] task 'sleep' (id \"slow\", from 127.0.0.1) failed: Timeout: task 'sleep' " \
+        "ran longer than 0.2 s" in log
+    assert "[WARNING] task 'not_json' (id 9, from 127.0.0.1) failed: TaskError: task " \
+        "'not_json' returned a value that is not JSON" in log
+    reply = conn.call({"function": "fail", "id": 10})
+    assert "Traceback" not in reply["error"]["message"]  # the wire has it only with debug
+
+
 def test_debug_adds_the_traceback(make_daemon, connect):
     daemon = make_daemon(debug="true")
     reply = connect(daemon.port).call({"function": "fail"})

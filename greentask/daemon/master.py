@@ -156,9 +156,12 @@ class Master:
         assert self.listener is not None and self.control is not None
         host, port = self.listener.getsockname()[:2]
         set_process_title(f"greentask master [{self.config.worker.name}]")
-        log.info("%s master %d listening at %s:%d with %s; control socket %s",
+        log.info("%s master %d listening at %s:%d with %s; control socket %s%s",
                  self.config.worker.name, os.getpid(), host, port,
-                 processes_text(self.processes), self.control.path)
+                 processes_text(self.processes), self.control.path,
+                 "" if self.metrics is None else
+                 "; metrics at http://{}:{}/metrics".format(*self.metrics.address))
+        self._log_tasks()
         self.signals.install()
         try:
             while self.workers or not self.stopping:
@@ -174,6 +177,17 @@ class Master:
             self._close()
         log.info("master %d exits with status %d", os.getpid(), self.exit_code)
         return self.exit_code
+
+    def _log_tasks(self) -> None:
+        worker = self.config.worker
+        if worker.preload_tasks:
+            names = default_registry.names()
+            shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
+            log.info("task modules %s: %d tasks (%s)", ", ".join(worker.tasks), len(names),
+                     shown)
+        else:
+            log.info("task modules %s: each worker imports them (preload_tasks = false)",
+                     ", ".join(worker.tasks))
 
     def _supervise_once(self) -> None:
         """One pass of the main loop."""

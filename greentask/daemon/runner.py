@@ -33,6 +33,7 @@ from typing import Any, Protocol
 
 import gevent
 import greenlet
+import ujson
 from gevent.event import Event
 from gevent.lock import Semaphore
 
@@ -55,6 +56,9 @@ IDLE_GREENLETS_FLOOR = 64
 
 class TaskOwner(Protocol):
     """What the runner needs from the connection a request came on."""
+
+    #: Who sent the request (an address), for the log.
+    peer: str
 
     def send(self, data: bytes) -> None:
         """Queue reply bytes (progress or the final line) for the peer."""
@@ -225,7 +229,7 @@ class TaskRunner:
             if request.progress:
                 def sink(value: Any) -> None:
                     owner.send(encode_progress(request.id, value))
-            line, outcome = self._execute(request, function, sink, current)
+            line, outcome = self._execute(request, function, sink, current, owner.peer)
             slot.count_task(request.function, outcome)
             owner.send(line)
         finally:
@@ -240,9 +244,13 @@ class TaskRunner:
             self.on_recycle(f"it has run max_tasks_per_child ({self.max_tasks}) tasks")
 
     def _execute(self, request: Request, function: Callable[..., Any],
-                 sink: Callable[[Any], None] | None,
-                 current: greenlet.greenlet) -> tuple[bytes, int]:
-        """Run one task within its limit; return its final reply line and its outcome."""
+                 sink: Callable[[Any], None] | None, current: greenlet.greenlet,
+                 peer: str) -> tuple[bytes, int]:
+        """Run one task within its limit; return its final reply line and its outcome.
+
+        Every failure is logged (WARNING, one line, with the traceback when
+        the task raised); the reply carries the traceback only with ``debug``.
+        """
         seconds = self.task_timeout
         if request.timeout is not None and request.timeout < seconds:
             seconds = request.timeout
@@ -263,14 +271,18 @@ class TaskRunner:
         except Expired as exc:
             if exc is not expired:
                 raise
-            return encode_error(request.id, TaskTimeout(
+            timeout = TaskTimeout(
                 f"task {request.function!r} ran longer than {seconds:g} s and was stopped; "
                 "raise the request's timeout or [worker] task_timeout, or make the task "
-                "shorter")), scoreboard.TIMED_OUT
+                "shorter")
+            _log_failure(request, peer, timeout)
+            return encode_error(request.id, timeout), scoreboard.TIMED_OUT
         except RemoteError as exc:
+            _log_failure(request, peer, exc)
             return encode_error(request.id, exc), scoreboard.FAILED
         except (Exception, SystemExit) as exc:
-            return encode_error(request.id, self._task_error(request, exc)), scoreboard.FAILED
+            _log_failure(request, peer, exc, traceback_of=exc)
+            return encode_error(request.id, self._task_error(exc)), scoreboard.FAILED
         finally:
             if timer is None:
                 del self.sweep.deadlines[current]
@@ -281,14 +293,24 @@ class TaskRunner:
         try:
             return encode_result(request.id, result), scoreboard.DONE
         except (TypeError, OverflowError) as exc:
-            return encode_error(request.id, TaskError(
+            error = TaskError(
                 f"task {request.function!r} returned a value that is not JSON ({exc}); "
-                "return dicts, lists, strings, numbers, booleans or None")), scoreboard.FAILED
+                "return dicts, lists, strings, numbers, booleans or None")
+            _log_failure(request, peer, error)
+            return encode_error(request.id, error), scoreboard.FAILED
 
-    def _task_error(self, request: Request, exc: BaseException) -> TaskError:
-        log.warning("task %r raised %s: %s", request.function, type(exc).__name__, exc,
-                    exc_info=log.isEnabledFor(logging.DEBUG))
+    def _task_error(self, exc: BaseException) -> TaskError:
         message = f"{type(exc).__name__}: {exc}"
         if self.debug:
             message += "\n" + "".join(traceback.format_exception(exc))
         return TaskError(message)
+
+
+def _log_failure(request: Request, peer: str, error: BaseException,
+                 traceback_of: BaseException | None = None) -> None:
+    """One WARNING line per failed task: which task, which request, whose, and why."""
+    cause = f"failed: {error}" if traceback_of is None else \
+        f"raised {type(error).__name__}: {error}"
+    log.warning("task %r (id %s, from %s) %s", request.function,
+                "none" if request.id is None else ujson.dumps(request.id), peer, cause,
+                exc_info=traceback_of)
