@@ -238,6 +238,12 @@ def test_metrics_agree_with_status_and_survive_a_dead_worker(make_daemon):
     from .conftest import free_port
     port = free_port()
     daemon = make_daemon(metrics_bind=f"127.0.0.1:{port}")
+    fresh = scrape(port)  # before any task and any restart: every series is there, at 0
+    for outcome in ("ok", "failed", "timeout"):
+        assert fresh[tasks_total("send_bulk", outcome)] == 0
+    from greentask.daemon.census import RESTART_CAUSES
+    assert {cause: fresh[("greentask_worker_restarts_total", (("cause", cause),))]
+            for cause in RESTART_CAUSES} == dict.fromkeys(RESTART_CAUSES, 0)
     with TaskClient([daemon.address]) as client:
         for i in range(10):
             client.call("echo", i)

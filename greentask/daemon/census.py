@@ -19,6 +19,9 @@ from greentask.daemon.children import WorkerProcess
 #: Seconds over which ``status`` measures each child's tasks per second.
 RATE_WINDOW = 5.0
 #: The slot fields ``status`` shows for each child, as whole numbers.
+#: Why a worker was replaced (the metrics' ``cause`` label): it died, its loop
+#: stopped (the watchdog), it could not start, or it was retired.
+RESTART_CAUSES = ("crash", "watchdog", "boot", "reload", "recycle", "scale", "failed reload")
 STATUS_FIELDS = ("rss", "connections", "inflight", "done", "failed", "timed_out")
 
 
@@ -39,8 +42,9 @@ class Census:
         self.totals = [0.0] * len(scoreboard.FIELDS)
         #: Task counts by function of the workers that exited: [ok, failed, timeout].
         self.function_totals: dict[str, list[float]] = {}
-        #: Workers replaced, by cause.
-        self.restarts: collections.Counter[str] = collections.Counter()
+        #: Workers replaced, by cause; every cause from 0, so a dashboard sees it at once.
+        self.restarts: collections.Counter[str] = collections.Counter(
+            dict.fromkeys(RESTART_CAUSES, 0))
 
     def bury(self, worker: WorkerProcess) -> None:
         """Keep an exited child's counters, and free its slot."""

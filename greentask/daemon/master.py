@@ -530,5 +530,8 @@ class Master:
     def metrics_snapshot(self) -> tuple[list[float], list[dict[str, object]], dict[str, object]]:
         """Totals (exited workers plus live ones), per-worker rows, master facts."""
         totals, rows, functions = self.census.snapshot(self.workers.values())
+        # Every registered task from 0, so dashboards and alerts see it before it runs.
+        functions = {name: [0.0] * len(scoreboard.OUTCOMES)
+                     for name in default_registry.names()} | functions
         return totals, rows, {"processes": self.processes, "generation": self.generation,
                               "restarts": dict(self.census.restarts), "functions": functions}
