@@ -7,6 +7,20 @@ gateway's own settings are the [gateway] section of the file named by
 GREENTASK_CONFIG (default conf/worker.ini).
 """
 
+import os
+import sys
+
+from greentask.config import check_gateway_tls, load
+from greentask.errors import ConfigError
+
+# A wrong [gateway] setting stops gunicorn here, in its master, with one line
+# and status 2, as the daemon does: not a worker's traceback and status 3.
+try:
+    check_gateway_tls(load(os.environ.get("GREENTASK_CONFIG", "conf/worker.ini")))
+except ConfigError as exc:
+    print(f"greentask gateway: {exc}", file=sys.stderr, flush=True)
+    raise SystemExit(2) from None
+
 worker_class = "geventwebsocket.gunicorn.workers.GeventWebSocketWorker"
 bind = "127.0.0.1:8080"
 workers = 1

@@ -63,7 +63,8 @@ def test_missing_file(tmp_path):
 
 
 def test_bad_environment_value_names_the_variable():
-    with pytest.raises(ConfigError, match=r"environment: \[worker\] concurrency = '-1'"):
+    with pytest.raises(ConfigError, match=r"^environment variable "
+                       r"GREENTASK_WORKER_CONCURRENCY='-1' \(\[worker\] concurrency\): "):
         load(environ={"GREENTASK_WORKER_CONCURRENCY": "-1"})
     with pytest.raises(ConfigError, match="GREENTASK_WORKER_PROCESES: no such setting"):
         load(environ={"GREENTASK_WORKER_PROCESES": "2"})

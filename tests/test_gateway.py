@@ -354,3 +354,22 @@ def test_pongs_never_land_inside_data_frames(daemon, make_gateway):
             texts.append(json.loads(data))  # a pong inside would break the JSON
     assert sorted(pongs, key=int) == [str(i) for i in range(30)]
     assert sorted(t["result"][1] for t in texts) == list(range(30))
+
+
+@pytest.mark.parametrize("use_conf_file, status", [(True, 2), (False, 3)])
+def test_a_wrong_gateway_setting_is_one_line_and_gunicorn_stops(use_conf_file, status):
+    import os
+    import subprocess
+
+    from .conftest import GUNICORN, ROOT, WORKER_CLASS
+    how = ["-c", "conf/gunicorn.conf.py"] if use_conf_file else ["-k", WORKER_CLASS]
+    result = subprocess.run(
+        [GUNICORN, *how, "-b", f"127.0.0.1:{free_port()}", "greentask.ws:app"], cwd=ROOT,
+        env={**os.environ, "GREENTASK_GATEWAY_MAX_MESSAGE": "abc"}, capture_output=True,
+        text=True, timeout=60)
+    assert result.returncode == status  # 3: gunicorn's own "Worker failed to boot" stop
+    ours = [line for line in result.stderr.splitlines() if "greentask gateway:" in line]
+    assert ours == ["greentask gateway: environment variable GREENTASK_GATEWAY_MAX_MESSAGE="
+                    "'abc' ([gateway] max_message): expected a positive size in bytes, such "
+                    "as 1048576, 64KiB or 1MiB"]
+    assert "Traceback" not in result.stderr

@@ -19,6 +19,9 @@ from greentask.config.converters import check_private
 from greentask.config.settings import BY_SECTION, ENV_PREFIX, SETTINGS, Setting
 from greentask.errors import ConfigError
 
+#: The origin of the settings read from GREENTASK_* variables.
+ENVIRONMENT = "environment"
+
 
 class Config(SimpleNamespace):
     """Loaded settings: ``config.worker.bind``, ``config.smtp.port``; ``.path``: the file."""
@@ -30,6 +33,10 @@ def _convert(setting: Setting, text: str, origin: str) -> Any:
     try:
         return setting.convert(text)
     except ValueError as exc:
+        if origin == ENVIRONMENT:
+            # The variable is what the operator set, and must change.
+            raise ConfigError(f"environment variable {setting.env_var}={text!r} "
+                              f"([{setting.section}] {setting.key}): {exc}") from None
         raise ConfigError(f"{origin}: [{setting.section}] {setting.key} = {text!r}: {exc}") \
             from None
 
@@ -85,7 +92,7 @@ def load(path: str | None = None, environ: Mapping[str, str] | None = None,
     layers = [("defaults", defaults)]
     if path is not None:
         layers.append((path, _read_file(path)))
-    layers.append(("environment", _read_environment(os.environ if environ is None else environ)))
+    layers.append((ENVIRONMENT, _read_environment(os.environ if environ is None else environ)))
     if overrides:
         flags: dict[str, dict[str, str]] = {}
         for (section, key), text in overrides.items():

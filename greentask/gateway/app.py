@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Callable, Iterable
 from importlib import resources
 from typing import Any
@@ -35,7 +36,7 @@ from gevent.lock import BoundedSemaphore
 
 from greentask.client import TaskClient
 from greentask.config import Config, check_gateway_tls, load
-from greentask.errors import GreentaskError, RemoteError
+from greentask.errors import ConfigError, GreentaskError, RemoteError
 from greentask.gateway import geventwebsocket_fixes, metrics
 from greentask.gateway.admission import SocketAdmission, load_authorize
 from greentask.gateway.upstream import task_client
@@ -258,4 +259,18 @@ def _message_id(message: str | bytes) -> Any:
     return request.get("id") if isinstance(request, dict) else None
 
 
-app = Gateway(load(os.environ.get("GREENTASK_CONFIG", DEFAULT_CONFIG)))
+#: The exit status of a gunicorn worker that cannot boot: gunicorn then stops
+#: instead of starting it again and again.
+WORKER_BOOT_ERROR = 3
+
+
+def load_app() -> Gateway:
+    """The gateway of ``GREENTASK_CONFIG``; a wrong setting is one line on stderr and exit 3."""
+    try:
+        return Gateway(load(os.environ.get("GREENTASK_CONFIG", DEFAULT_CONFIG)))
+    except ConfigError as exc:
+        print(f"greentask gateway: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(WORKER_BOOT_ERROR) from None
+
+
+app = load_app()
