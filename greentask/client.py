@@ -241,8 +241,9 @@ class _Connection:
             # as an alert here, and it read none of our requests.
             refused = not received and is_handshake_refusal(exc)
             reason = f"TLS: {exc.reason or exc}" + (
-                " (the server requires a client certificate it accepts: pass certfile and "
-                "keyfile to greentask.tls.client_context)" if refused else "")
+                " (the server requires a client certificate it accepts: [gateway] certfile "
+                "and keyfile for the gateway and greentask call, or certfile and keyfile "
+                "for greentask.tls.client_context)" if refused else "")
         except OSError as exc:
             reason = str(exc)
         finally:
@@ -438,36 +439,52 @@ class TaskClient:
                 raise ConnectionFailed("the client is closed")
             self._connections = [c for c in self._connections if c.usable]
             if len(self._connections) < self._target:
-                errors = self._open_connection()
+                errors, tls_refused = self._open_connection()
                 if errors and not self._connections:
-                    raise ConnectionFailed(
-                        f"cannot connect to any task server ({'; '.join(errors)}); is "
-                        "greentask running there? (start it with scripts/run)")
+                    raise ConnectionFailed(_no_connection(errors, tls_refused))
             return self._connections[next(self._connection_turn) % len(self._connections)]
 
-    def _open_connection(self) -> list[str]:
-        """Connect to the next server that is not marked down; return the errors met."""
+    def _open_connection(self) -> tuple[list[str], bool]:
+        """Connect to the next server that is not marked down.
+
+        Returns the errors met, and whether each was a server certificate this
+        client could not verify (the server runs; the certificates do not match).
+        """
         now = time.monotonic()
         turn = next(self._server_turn)
         candidates = [self.servers[(turn + i) % len(self.servers)]
                       for i in range(len(self.servers))]
         up = [address for address in candidates if self._down_until.get(address, 0) <= now]
         errors = []
+        tls_refused = True
         for address in up or candidates:
             try:
                 self._connections.append(_Connection(address, self.connect_timeout,
                                                      self._take_back, self._auth_token,
                                                      self._ssl_context))
-                return []
+                return [], False
             except OSError as exc:
                 self._down_until[address] = now + DOWN_RETRY_DELAY
-                hint = " (TLS: do ca_certs and the server's certificate match this host?)" \
-                    if isinstance(exc, ssl.SSLError) else ""
-                errors.append(f"{address[0]}:{address[1]}: {exc.strerror or exc}{hint}")
-        return errors
+                tls_refused = tls_refused and isinstance(exc, ssl.SSLCertVerificationError)
+                errors.append(f"{address[0]}:{address[1]}: {exc.strerror or exc}")
+        return errors, tls_refused
 
     def _describe_servers(self) -> str:
         return ", ".join(f"{host}:{port}" for host, port in self.servers)
+
+
+def _no_connection(errors: list[str], tls_refused: bool) -> str:
+    """Why no connection could be made, and what to do about it."""
+    if tls_refused:
+        # The server answered: it runs, but its certificate was not accepted.
+        return (f"the task server answered but its TLS certificate was not accepted "
+                f"({'; '.join(errors)}): "
+                "give the CA certificates that signed the server's certificate (greentask "
+                "call --ca-certs FILE, [gateway] ca_certs, or greentask.tls.client_context("
+                "ca_certs=FILE)) and connect by a name or IP address that the certificate "
+                "names")
+    return (f"cannot connect to any task server ({'; '.join(errors)}); is greentask running "
+            "there? (start it with scripts/run)")
 
 
 def _parse_server(server: str) -> tuple[str, int]:

@@ -95,8 +95,13 @@ def test_the_client_refuses_a_server_it_cannot_verify(tls_daemon, certs, tmp_pat
     trustme.CA().cert_pem.write_to_path(str(other_ca))
     client = TaskClient([tls_daemon.address], connect_timeout=3,
                         ssl_context=tls.client_context(str(other_ca)))
-    with client, pytest.raises(ConnectionFailed, match="CERTIFICATE_VERIFY_FAILED"):
+    with client, pytest.raises(ConnectionFailed, match="CERTIFICATE_VERIFY_FAILED") as info:
         client.call("echo", 1)
+    message = str(info.value)
+    assert message.startswith("the task server answered but its TLS certificate was not "
+                              "accepted")
+    assert "--ca-certs FILE, [gateway] ca_certs" in message
+    assert "scripts/run" not in message  # it is running
     # The host name is checked too: the certificate names 127.0.0.1, not localhost.
     client = TaskClient([f"localhost:{tls_daemon.port}"], connect_timeout=3,
                         ssl_context=tls.client_context(str(certs.ca_file)))
@@ -110,6 +115,8 @@ def test_a_plain_client_is_told_the_port_speaks_tls(tls_daemon, connect, certs):
     reply = conn.read_json()
     assert reply["error"]["type"] == "BadRequest"
     assert "speaks TLS only" in reply["error"]["message"]
+    assert "greentask call --tls or --ca-certs FILE, [gateway] tls = true" in \
+        reply["error"]["message"]
     assert conn.at_eof()
     with TaskClient([tls_daemon.address], connect_timeout=2) as plain:
         with pytest.raises(BadRequest, match="speaks TLS only"):
@@ -157,7 +164,8 @@ def test_mutual_tls_requires_a_client_certificate(make_daemon, certs):
     # sent; the server read none of it, so the call fails as undelivered.
     for _ in range(5):
         with certs.client(daemon) as anonymous, \
-                pytest.raises(ConnectionFailed, match=r"CERTIFICATE_REQUIRED.*client certificate"):
+                pytest.raises(ConnectionFailed, match=r"CERTIFICATE_REQUIRED.*client certificate"
+                              r".*\[gateway\] certfile and keyfile"):
             anonymous.call("echo", 1)
     # A certificate from a CA the server does not trust is refused the same way.
     stranger = trustme.CA().issue_cert("stranger@greentask.test")

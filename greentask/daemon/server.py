@@ -263,8 +263,9 @@ class ProcessServer:
             if sock.recv(1, socket.MSG_PEEK) == b"{":
                 # A plain-text client: answer in words it can read.
                 sock.sendall(encode_error(None, BadRequest(
-                    "this task port speaks TLS only; connect with TLS (TaskClient("
-                    "ssl_context=greentask.tls.client_context(...)), [gateway] tls = true)")))
+                    "this task port speaks TLS only; connect with TLS (greentask call --tls "
+                    "or --ca-certs FILE, [gateway] tls = true, or TaskClient(ssl_context="
+                    "greentask.tls.client_context(...)))")))
                 raise ValueError("plain text sent to the TLS port")
             tls_sock = self.ssl_context.wrap_socket(sock, server_side=True,
                                                     do_handshake_on_connect=False)
