@@ -79,17 +79,41 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _parse_task_args(text: str | None) -> list[Any] | dict[str, Any]:
+    """The task's arguments from the command line; a wrong one says what to type instead."""
     if text is None:
         return []
     try:
         args = ujson.loads(text)
     except ValueError as exc:
-        raise ValueError(f"JSON_ARGS is not valid JSON ({exc}); quote it for the shell, "
-                         """such as '{"x": 1}'""") from None
+        raise ValueError(f"the arguments {text!r} are not JSON ({exc}); "
+                         f"{_suggest_args(text)}") from None
     if not isinstance(args, (list, dict)):
-        raise ValueError("JSON_ARGS must be an object (keyword arguments) or an array "
-                         "(positional arguments)")
+        raise ValueError(f"the arguments must be a JSON array (positional) or object "
+                         f"(keywords), not a bare value: for one argument, type "
+                         f"'[{_dumps(args)}]'")
     return args
+
+
+def _suggest_args(text: str) -> str:
+    """What to type for arguments that are not JSON: Python literals or a bare word."""
+    import ast
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        if text.lstrip()[:1] in ("[", "{"):
+            return "it starts like JSON: check its brackets, commas and double quotes"
+        value = text  # a bare word: one string argument, say
+    else:
+        if isinstance(value, tuple):
+            value = list(value)
+        try:
+            as_json = _dumps(value if isinstance(value, (list, dict)) else [value])
+        except (TypeError, OverflowError):
+            as_json = None
+        if as_json is not None:
+            return f"that is Python, not JSON; in JSON it is '{as_json}'"
+    return (f"for one string argument type '{_dumps([value])}'; for keywords an object "
+            """such as '{"to": "a@example.com"}', quoted for the shell""")
 
 
 def call(args: argparse.Namespace) -> int:

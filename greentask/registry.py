@@ -85,10 +85,12 @@ def task(function: Any = None, *, name: str | None = None) -> Any:
     return register(function) if function is not None else register
 
 
-def call_task(function: Callable[..., Any], args: list[Any] | dict[str, Any]) -> Any:
-    """Call ``function`` with a request's ``args``.
+def call_task(function: Callable[..., Any], args: list[Any] | dict[str, Any],
+              name: str | None = None) -> Any:
+    """Call ``function`` (registered as ``name``) with a request's ``args``.
 
-    Raises :class:`BadArguments` when the arguments do not fit its signature;
+    Raises :class:`BadArguments` when the arguments do not fit its signature
+    (shown under the registered name, which is what the caller asked for);
     anything the task raises propagates.
     """
     try:
@@ -102,7 +104,8 @@ def call_task(function: Callable[..., Any], args: list[Any] | dict[str, Any]) ->
         reason = _binding_error(function, args)
         if reason is None:
             raise
-        raise BadArguments(f"{reason}; the signature is {_describe(function)}") from exc
+        raise BadArguments(f"{reason}; the signature is "
+                           f"{_describe(function, name or function.__name__)}") from exc
 
 
 def _binding_error(function: Callable[..., Any], args: list[Any] | dict[str, Any]) -> str | None:
@@ -120,12 +123,12 @@ def _binding_error(function: Callable[..., Any], args: list[Any] | dict[str, Any
     return None
 
 
-def _describe(function: Callable[..., Any]) -> str:
+def _describe(function: Callable[..., Any], name: str) -> str:
     signature = inspect.signature(function)
     bare = signature.replace(
         parameters=[p.replace(annotation=p.empty) for p in signature.parameters.values()],
         return_annotation=signature.empty)
-    return f"{function.__name__}{bare}"
+    return f"{name}{bare}"
 
 
 def progress(value: Any) -> None:

@@ -55,8 +55,11 @@ def test_unreachable_server_exits_1_and_says_what_to_do():
 
 
 @pytest.mark.parametrize("args, words", [
-    (["call", "echo", "{not json"], "JSON_ARGS is not valid JSON"),
-    (["call", "echo", "5"], "JSON_ARGS must be an object"),
+    (["call", "echo", "{not json"], "it starts like JSON: check its brackets"),
+    (["call", "sleep", "0.5"], "not a bare value: for one argument, type '[0.5]'"),
+    (["call", "send_mail", "{'to': 'a@b.test'}"],
+     """that is Python, not JSON; in JSON it is '{"to":"a@b.test"}'"""),
+    (["call", "echo", "hello"], """for one string argument type '["hello"]'"""),
     (["call", "echo", "--server", "nowhere"], "bad server 'nowhere'"),
 ])
 def test_bad_command_line_exits_2(args, words):

@@ -111,6 +111,8 @@ def test_cpu_hog_in_one_child_does_not_stop_the_other(daemon, connect):
     (b'{"function": "nope", "id": 5}\n', "UnknownFunction", "no task named 'nope'"),
     (b'{"function": "sleep", "id": 6, "args": {"secs": 1}}\n', "BadArguments",
      "missing a required argument: 'seconds'; the signature is sleep(seconds)"),
+    (b'{"function": "steps.count", "id": 12, "args": {"m": 1}}\n', "BadArguments",
+     "the signature is steps.count(n, delay=0.0)"),
     (b'{"function": "fail", "id": 7, "args": ["it broke"]}\n', "TaskError",
      "RuntimeError: it broke"),
     (b'{"function": "sleep", "id": 8, "args": [5], "timeout": 0.2}\n', "Timeout",

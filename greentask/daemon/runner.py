@@ -264,10 +264,10 @@ class TaskRunner:
             self.sweep.deadlines[current] = (started + seconds, expired)
         try:
             if sink is None:
-                result = call_task(function, request.args)
+                result = call_task(function, request.args, request.function)
             else:
                 with progress_sink(sink):
-                    result = call_task(function, request.args)
+                    result = call_task(function, request.args, request.function)
         except Expired as exc:
             if exc is not expired:
                 raise
