@@ -22,7 +22,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["greentask", "greentask.*"]),
-    package_data={"greentask": ["py.typed"], "greentask.gateway": ["static/*.html"]},
+    package_data={"greentask": ["py.typed"],
+                  "greentask.gateway": ["static/*.html", "static/*.svg"]},
     install_requires=requirements(),
     extras_require={
         # What the daemon, client and gateway tests need (CI runs them on

@@ -104,11 +104,38 @@ def test_refused_messages_get_error_events_and_the_socket_keeps_serving(
 
 
 def test_task_errors_do_not_leak_details(daemon, make_gateway):
-    ws = make_gateway(daemon, expose="fail").connect()
+    gateway = make_gateway(daemon, expose="fail, cpu")
+    ws = gateway.connect()
     ws.send(json.dumps({"function": "fail", "args": ["secret path /etc/x"], "id": 1}))
     event = json.loads(ws.recv())
-    assert event["error"]["type"] == "TaskError"
-    assert "secret" not in event["error"]["message"]
+    assert event["error"] == {"type": "TaskError", "message": "the task failed"}
+    # The operator's detail is in the gateway's log, in gunicorn's format.
+    wait_until(lambda: "task 'fail' for a browser at 127.0.0.1: TaskError: RuntimeError: "
+               "secret path /etc/x" in gateway.log(), 10, "the failure in the log")
+    assert "[WARNING] task 'fail'" in gateway.log()
+
+
+def test_not_exposed_names_the_setting_and_the_log_says_how_to_allow_it(daemon,
+                                                                          make_gateway):
+    gateway = make_gateway(daemon, expose="echo")
+    ws = gateway.connect()
+    ws.send(json.dumps({"function": "cpu", "args": [1], "id": 1}))
+    assert json.loads(ws.recv())["error"] == {
+        "type": "NotExposed",
+        "message": "'cpu' cannot be called from a browser (it is not in [gateway] expose); "
+                   "callable: echo"}
+    wait_until(lambda: "asked for 'cpu', which [gateway] expose does not list (echo); to "
+               "allow it, add it there and restart the gateway" in gateway.log(), 10,
+               "the log line")
+
+
+def test_the_gateway_answers_favicon(daemon, make_gateway):
+    import urllib.request
+    with urllib.request.urlopen(f"http://127.0.0.1:{make_gateway(daemon).port}/favicon.ico",
+                                timeout=10) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"] == "image/svg+xml"
+        assert response.read().startswith(b"<svg")
 
 
 def test_too_many_in_flight_get_overloaded(daemon, make_gateway):
@@ -234,7 +261,9 @@ def test_task_server_down_then_back(make_daemon, make_gateway):
     ws = gateway.connect()
     ws.send(json.dumps({"function": "echo", "args": [1], "id": 1}))
     event = json.loads(ws.recv())
-    assert event["error"]["type"] == "ConnectionFailed"
+    assert event["error"] == {"type": "ConnectionFailed", "message": "the task servers cannot "
+                              "be reached right now; try again later"}  # no operator advice
+    wait_until(lambda: "scripts/run" in gateway.log(), 10, "the operator's detail in the log")
     assert gateway_health(gateway) == 503
     daemon.start()
     wait_until(lambda: gateway_health(gateway) == 200, 10, "healthz to recover")

@@ -54,6 +54,21 @@ _IDLE = object()
 
 StartResponse = Callable[..., Any]
 
+#: What a browser is told when a task could not be run or did not finish: in
+#: words for the person at the page. The detail, with what an operator should
+#: do, goes to the gateway's log (and to the browser too with ``debug``).
+#: Errors about the request itself (BadArguments, UnknownFunction, ...) keep
+#: their message: the page's developer needs it.
+BROWSER_WORDS = {
+    "TaskError": "the task failed",
+    "Timeout": "the task took too long and was stopped",
+    "WorkerLost": "the task server stopped while running the task; it may or may not have run",
+    "ShuttingDown": "the task server is restarting; try again in a moment",
+    "ConnectionFailed": "the task servers cannot be reached right now; try again later",
+    "Unauthorized": "this site may not run tasks right now",
+    "TooLarge": "the request or its result is too large",
+}
+
 
 def error_event(request_id: Any, kind: str, message: str) -> dict[str, Any]:
     """An ``error`` event for the browser."""
@@ -71,7 +86,9 @@ class Gateway:
         #: Open sockets of this worker process, told 1001 when it stops.
         self.sockets: set[Any] = set()
         self._watcher: gevent.Greenlet | None = None
-        self.page = resources.files("greentask.gateway").joinpath("static/index.html").read_bytes()
+        static = resources.files("greentask.gateway").joinpath("static")
+        self.page = static.joinpath("index.html").read_bytes()
+        self.icon = static.joinpath("favicon.svg").read_bytes()
         self.admission = SocketAdmission(self.settings.allowed_origins,
                                          self.settings.allow_no_origin,
                                          load_authorize(self.settings.authorize))
@@ -96,6 +113,8 @@ class Gateway:
             return self._reply(start_response, "400 Bad Request", b"/ws is a WebSocket\n")
         if path == "/":
             return self._reply(start_response, "200 OK", self.page, "text/html; charset=utf-8")
+        if path == "/favicon.ico":
+            return self._reply(start_response, "200 OK", self.icon, "image/svg+xml")
         if path == "/metrics":
             return self._reply(start_response, "200 OK", metrics.render(),
                                "text/plain; version=0.0.4; charset=utf-8")
@@ -199,10 +218,14 @@ class Gateway:
         request_id = request.get("id")
         function, args = request.get("function"), request.get("args")
         if not isinstance(function, str) or function not in self.settings.expose:
+            callable_ = ", ".join(self.settings.expose)
+            log.info("a browser at %s asked for %r, which [gateway] expose does not list (%s); "
+                     "to allow it, add it there and restart the gateway", _peer(socket),
+                     function, callable_)
             self._send(socket, error_event(
                 request_id, "NotExposed",
-                f"{function!r} cannot be called from a browser; callable: "
-                f"{', '.join(self.settings.expose)}"))
+                f"{function!r} cannot be called from a browser (it is not in [gateway] "
+                f"expose); callable: {callable_}"))
             return
         if args is not None and not isinstance(args, (list, dict)):
             self._send(socket, error_event(request_id, "BadRequest",
@@ -214,7 +237,7 @@ class Gateway:
         try:
             result = self.client.apply(function, args, on_progress=relay).get()
         except GreentaskError as exc:
-            self._send(socket, error_event(request_id, *self._describe(exc)))
+            self._send(socket, error_event(request_id, *self._describe(exc, socket, function)))
             return
         self._send(socket, {"id": request_id, "event": "complete", "message": "task complete",
                             "result": result})
@@ -223,17 +246,22 @@ class Gateway:
         try:
             self.client.apply(self.settings.default_function, [text]).get()
         except GreentaskError as exc:
-            self._send(socket, error_event(None, *self._describe(exc)))
+            self._send(socket, error_event(
+                None, *self._describe(exc, socket, self.settings.default_function)))
             return
         metrics.TALLY.messages["complete"] += 1
         self._send_text(socket, "task complete")
 
-    def _describe(self, exc: GreentaskError) -> tuple[str, str]:
-        if isinstance(exc, RemoteError):
-            if exc.type == "TaskError" and not self.debug:
-                return exc.type, "the task failed (details are in the task server's log)"
-            return exc.type, exc.message
-        return type(exc).__name__, str(exc)
+    def _describe(self, exc: GreentaskError, socket: Any, function: str) -> tuple[str, str]:
+        """The error's type and what the browser is told; the operator's detail is logged."""
+        kind = exc.type if isinstance(exc, RemoteError) else type(exc).__name__
+        detail = exc.message if isinstance(exc, RemoteError) else str(exc)
+        words = BROWSER_WORDS.get(kind)
+        if words is None:
+            return kind, detail
+        log.warning("task %r for a browser at %s: %s: %s", function, _peer(socket), kind,
+                    detail)
+        return kind, detail if self.debug else words
 
     def _send(self, socket: Any, event: dict[str, Any]) -> None:
         kind = event["event"]
@@ -251,6 +279,11 @@ class Gateway:
             metrics.TALLY.dropped += 1
 
 
+def _peer(socket: Any) -> str:
+    """The browser's address, for the log."""
+    return str(getattr(socket, "environ", {}).get("REMOTE_ADDR", "?"))
+
+
 def _message_id(message: str | bytes) -> Any:
     try:
         request = ujson.loads(message)
@@ -266,6 +299,14 @@ WORKER_BOOT_ERROR = 3
 
 def load_app() -> Gateway:
     """The gateway of ``GREENTASK_CONFIG``; a wrong setting is one line on stderr and exit 3."""
+    # greentask's lines go where gunicorn's go, in its format: without this
+    # only WARNING and above reach stderr, unformatted (logging's last resort).
+    gunicorn_log = logging.getLogger("gunicorn.error")
+    ours = logging.getLogger("greentask")
+    if gunicorn_log.handlers and not ours.handlers:
+        ours.handlers = list(gunicorn_log.handlers)
+        ours.setLevel(gunicorn_log.level)
+        ours.propagate = False
     try:
         return Gateway(load(os.environ.get("GREENTASK_CONFIG", DEFAULT_CONFIG)))
     except ConfigError as exc:
