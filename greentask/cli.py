@@ -10,7 +10,7 @@ import ujson
 
 from greentask.client import TaskClient
 from greentask.config import control_socket_path, load, render_markdown
-from greentask.daemon.control import ControlError, format_status, send_command
+from greentask.daemon.control import ControlError, Unanswered, format_status, send_command
 from greentask.daemon.outcomes import wait_for_outcome
 from greentask.errors import ConfigError, GreentaskError
 from greentask.gateway.upstream import client_context
@@ -163,7 +163,10 @@ def control(args: argparse.Namespace) -> int:
             return 0
         processes = args.processes if args.command == "scale" else None
         arguments = {} if processes is None else {"processes": processes}
-        send_command(path, args.command, **arguments)
+        try:
+            send_command(path, args.command, **arguments)
+        except Unanswered:
+            pass  # it may well have been carried out: the outcome below says
     except ControlError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_TASK_FAILED

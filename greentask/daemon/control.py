@@ -38,6 +38,10 @@ class NoMaster(ControlError):
     """No master listens at the control socket (none runs with this config, or it exited)."""
 
 
+class Unanswered(ControlError):
+    """The master took the command but did not answer in time: it may have carried it out."""
+
+
 class ControlServer(OneShotServer):
     """The master's control socket: one JSON command in, one JSON reply out."""
 
@@ -117,6 +121,8 @@ def send_command(path: str, command: str, timeout: float = 5.0,
         raise NoMaster(f"no greentask master answers at {path}: is it running with this "
                        "config (and --bind, if it was started with one)? Start it with "
                        "scripts/run") from None
+    except TimeoutError:
+        raise Unanswered(f"the master at {path} did not answer within {timeout:g} s") from None
     except OSError as exc:
         raise ControlError(f"cannot talk to the master at {path}: {exc}") from None
     try:
