@@ -402,3 +402,32 @@ def test_a_wrong_gateway_setting_is_one_line_and_gunicorn_stops(use_conf_file, s
                     "'abc' ([gateway] max_message): expected a positive size in bytes, such "
                     "as 1048576, 64KiB or 1MiB"]
     assert "Traceback" not in result.stderr
+
+
+def test_a_hup_makes_the_gateway_read_expose_again(make_daemon, make_gateway, tmp_path):
+    # What README's "Write a task" tells a user who exposes a new task.
+    modules = tmp_path / "modules"
+    modules.mkdir()
+    (modules / "mytasks.py").write_text("from greentask import task\n\n\n"
+                                        "@task(name='report.build')\ndef build(month):\n"
+                                        "    return {'month': month}\n")
+    daemon = make_daemon(tasks="greentask.examples.basic, mytasks",
+                         env={"PYTHONPATH": str(modules)})
+    gateway = make_gateway(daemon, expose="echo")
+    request = json.dumps({"function": "report.build", "args": ["2026-11"], "id": 1})
+    ws = gateway.connect()
+    ws.send(request)
+    assert json.loads(ws.recv())["error"]["type"] == "NotExposed"
+    ws.close()
+    gateway.config.write_text(gateway.config.read_text().replace(
+        "expose = echo", "expose = echo, report.build"))
+    gateway.proc.send_signal(signal.SIGHUP)  # gunicorn starts fresh workers, which read it
+
+    def exposed() -> bool:
+        fresh = gateway.connect()
+        try:
+            fresh.send(request)
+            return json.loads(fresh.recv())["event"] == "complete"
+        finally:
+            fresh.close()
+    wait_until(exposed, 30, f"report.build to be exposed\n{gateway.log()}")
