@@ -106,7 +106,7 @@ def test_readme_commands_work_as_written(tmp_path):
         assert ws.recv() == "task complete"
         ws.close()
         programs = children_of(run.pid)
-        assert len(programs) == 2  # the task daemon's master and gunicorn's
+        assert len(programs) == 3  # the task daemon's master, gunicorn's, scripts/on_fatal
     finally:
         run.send_signal(signal.SIGTERM)
         assert run.wait(60) == 0
