@@ -253,3 +253,34 @@ def test_workers_switched_to_another_user_still_serve_tls(make_daemon, certs):
         assert os.stat(f"/proc/{pid}").st_uid == 65534
     with certs.client(daemon) as client:
         assert client.call("echo", "as nobody") == ["as nobody"]
+
+
+def documented_block(language: str, after: str) -> str:
+    """The first ```language block of docs/operations.md after the heading ``after``."""
+    text = (ROOT / "docs" / "operations.md").read_text().split(after, 1)[1]
+    return text.split(f"```{language}\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_documented_openssl_steps_give_a_working_mutual_tls_setup(make_daemon, tmp_path):
+    steps = documented_block("sh", "### Making the certificates")
+    made = subprocess.run(["bash", "-euo", "pipefail", "-c", steps], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    ini = documented_block("ini", "### Making the certificates").replace(
+        "tls/", f"{tmp_path}/tls/")
+    worker = dict(line.split(" = ") for line in ini.split("[gateway]")[0].splitlines()
+                  if " = " in line)
+    daemon = make_daemon(processes=1, **worker)
+    cli_config = tmp_path / "that.ini"
+    cli_config.write_text(ini.replace("[worker]\n", f"[worker]\nbind = {daemon.address}\n"))
+    greentask = str(Path(sys.executable).with_name("greentask"))
+    called = subprocess.run([greentask, "call", "echo", "[1]", "-c", str(cli_config)],
+                            capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert (called.returncode, called.stdout.strip()) == (0, "[1]"), called.stderr
+    # Without the client certificate, the server refuses: mutual TLS is on.
+    cli_config.write_text(cli_config.read_text().replace(
+        f"certfile = {tmp_path}/tls/client.pem\n", "").replace(
+        f"keyfile = {tmp_path}/tls/client.key\n", ""))
+    refused = subprocess.run([greentask, "call", "echo", "[1]", "-c", str(cli_config)],
+                             capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert refused.returncode == 1 and "CERTIFICATE_REQUIRED" in refused.stderr
