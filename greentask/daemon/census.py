@@ -69,11 +69,16 @@ class Census:
                 **{field: int(row[field]) for field in STATUS_FIELDS}})
         return rows
 
-    def snapshot(self, workers: Iterable[WorkerProcess]
+    def snapshot(self, workers: Iterable[WorkerProcess], known_functions: Iterable[str] = ()
                  ) -> tuple[list[float], list[dict[str, object]], dict[str, list[float]]]:
-        """Totals (exited plus live), per-child gauges, counts by function, for the metrics."""
+        """Totals (exited plus live), per-child gauges, counts by function, for the metrics.
+
+        Every name of ``known_functions`` has counts, zeros until it runs, so
+        dashboards and alerts see each task before its first call.
+        """
         totals = list(self.totals)
-        functions = {name: list(counts) for name, counts in self.function_totals.items()}
+        functions = {name: [0.0] * len(scoreboard.OUTCOMES) for name in known_functions}
+        functions.update((name, list(counts)) for name, counts in self.function_totals.items())
         rows: list[dict[str, object]] = []
         for worker in workers:
             slot = self.board.slot(worker.slot_index)

@@ -23,6 +23,7 @@ from typing import Any
 
 import ujson
 
+from greentask.daemon.lifecycle import processes_text
 from greentask.daemon.oneshot import OneShotServer
 from greentask.errors import GreentaskError
 from greentask.protocol import encode_line
@@ -100,6 +101,18 @@ class ControlServer(OneShotServer):
             os.unlink(self.path)
 
 
+def wanted_processes(command: dict[str, Any], most: int) -> int:
+    """The process count a ``scale`` command asks for; ControlError when it cannot be."""
+    processes = command.get("processes")
+    if not isinstance(processes, int) or isinstance(processes, bool) or processes < 1:
+        raise ControlError("scale needs a whole number of processes, at least 1")
+    if processes > most:
+        raise ControlError(f"scale {processes}: more than [worker] max_processes = {most}; "
+                           "nothing changed (raise max_processes in the config and reload, if "
+                           "this machine can run that many)")
+    return processes
+
+
 def send_command(path: str, command: str, timeout: float = 5.0,
                  **arguments: Any) -> dict[str, Any]:
     """Send one command to the master at ``path``; return its reply.
@@ -157,7 +170,7 @@ def format_status(status: dict[str, Any]) -> str:
     master = status["master"]
     lines = [f"greentask master [{master['name']}] pid {master['pid']}, listening at "
              f"{master['bind']}, generation {master['generation']}, "
-             f"{master['processes']} worker processes wanted, up "
+             f"{processes_text(master['processes'])} wanted, up "
              f"{_duration(master['uptime'])}"]
     rows = [_COLUMNS]
     for worker in status["workers"]:

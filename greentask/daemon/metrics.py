@@ -79,8 +79,6 @@ class MetricsServer(OneShotServer):
         self.registry = CollectorRegistry()
         self.registry.register(DaemonCollector(snapshot))
         super().__init__(self._bind(address))
-        #: Where it listens (host, port): the port is the one bound when ``address`` had 0.
-        self.address: tuple[str, int] = self.listener.getsockname()[:2]
 
     @staticmethod
     def _bind(address: tuple[str, int]) -> socket.socket:

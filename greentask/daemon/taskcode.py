@@ -78,6 +78,15 @@ class TaskCode:
         #: The reloadable modules the last import brought in, by name.
         self.modules: dict[str, ModuleType] = {}
 
+    def describe(self, settings: Any) -> str:
+        """The task modules and the tasks they registered, for the start-up log."""
+        modules = ", ".join(settings.tasks)
+        if not settings.preload_tasks:
+            return f"task modules {modules}: each worker imports them (preload_tasks = false)"
+        names = self.registry.names()
+        shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
+        return f"task modules {modules}: {len(names)} tasks ({shown})"
+
     def load(self, names: list[str]) -> None:
         """Import the task modules ``names``; raises :class:`TaskModuleError`."""
         before = set(sys.modules)
