@@ -22,8 +22,9 @@ The rule that makes a close safe for every peer: a connection is closed
 (by the server, on purpose) only once every request line it has read is
 answered. Lines still in the same read get an error (``ShuttingDown``, or
 ``Unauthorized`` after a bad token); lines the reader never read are never
-run, and the peer sees end of stream before their reply: :func:`linger`
-sends FIN and discards them, so no reset destroys the replies just sent.
+run, and the peer sees end of stream before their reply:
+:func:`~greentask.daemon.writer.linger` sends FIN and discards them, so no
+reset destroys the replies just sent.
 The reader is never stopped with ``shutdown(SHUT_RD)`` (a later close with
 unread input would reset): when it waits for input or for its writer, it is
 woken with :class:`StopReading` instead.
@@ -40,19 +41,17 @@ import hmac
 import logging
 import socket
 import time
-from dataclasses import dataclass
-from typing import Any, Protocol
 
 import gevent
 import greenlet
 from gevent.event import Event
 
+from greentask.daemon.admission import Admission, ConnectionLimits
 from greentask.daemon.lifecycle import check_move
 from greentask.daemon.runner import TaskRunner
-from greentask.daemon.writer import ReplyWriter, shutdown_socket
+from greentask.daemon.writer import ReplyWriter, linger
 from greentask.errors import BadRequest, RemoteError, ShuttingDown, TaskTimeout, Unauthorized
 from greentask.protocol import (
-    DEFAULT_MAX_QUEUED,
     LineDecoder,
     encode_closing,
     encode_error,
@@ -64,8 +63,6 @@ log = logging.getLogger("greentask.worker")
 
 #: Bytes read per ``recv``; also the most one read adds to a connection's buffer.
 RECV_SIZE = 64 * 1024
-#: How long a connection closed on an error keeps discarding input (seconds).
-LINGER_SECONDS = 2.0
 #: After telling an idle pipelining peer to close, how long to wait for it (seconds).
 IDLE_GRACE = 10.0
 
@@ -94,55 +91,6 @@ PHASE_MOVES: dict[Phase, frozenset[Phase]] = {
     Phase.ASKED_TO_CLOSE: frozenset({Phase.CLOSING}),
     Phase.CLOSING: frozenset(),
 }
-
-
-@dataclass(frozen=True)
-class ConnectionLimits:
-    """What every connection of a process enforces (from ``[worker]``)."""
-
-    max_line: int
-    max_depth: int
-    max_inflight: int
-    #: The shared token a peer must send first, or None.
-    auth_token: bytes | None = None
-    #: Unsent reply bytes past which a peer that reads nothing is cut off.
-    max_queued: int = DEFAULT_MAX_QUEUED
-    #: Seconds a peer has to send its token (when one is required).
-    hello_timeout: float = 5.0
-
-    @classmethod
-    def from_settings(cls, settings: Any) -> ConnectionLimits:
-        """The limits of a ``config.worker`` section."""
-        token = settings.auth_token_file
-        return cls(settings.max_line, settings.max_json_depth,
-                   settings.max_inflight_per_connection, token.encode() if token else None,
-                   settings.max_queued_replies, settings.hello_timeout)
-
-
-class Admission(Protocol):
-    """What a connection asks of the process serving it."""
-
-    @property
-    def refusal(self) -> RemoteError | None:
-        """What every request is answered with instead of running (a drain), or None."""
-
-    def note_refused(self, peer: str, reason: str) -> None:
-        """Count (and log, now and then) a peer refused for ``reason``."""
-
-
-def linger(sock: socket.socket) -> None:
-    """Send FIN, then discard what the peer still sends for up to :data:`LINGER_SECONDS`.
-
-    Closing with unread input sends a reset, which can destroy what was sent
-    just before (a TooLarge reply, a TLS alert) before the peer reads it.
-    """
-    shutdown_socket(sock, socket.SHUT_WR)
-    try:
-        with gevent.Timeout(LINGER_SECONDS, False):
-            while sock.recv(RECV_SIZE):
-                pass
-    except OSError:
-        pass
 
 
 class Connection:

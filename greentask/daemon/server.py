@@ -41,11 +41,13 @@ from gevent.server import StreamServer
 
 from greentask.config import Config
 from greentask.daemon import scoreboard
-from greentask.daemon.connection import Admission, Connection, ConnectionLimits, linger
+from greentask.daemon.admission import Admission, ConnectionLimits, PeerOverLimit
+from greentask.daemon.connection import Connection
 from greentask.daemon.lifecycle import WORKER_SIGNALS
 from greentask.daemon.logs import reopen_log_files
 from greentask.daemon.runner import TaskRunner
 from greentask.daemon.spread import AcceptSpread, step_aside
+from greentask.daemon.writer import linger
 from greentask.errors import BadRequest, RemoteError, ShuttingDown
 from greentask.protocol import encode_error
 from greentask.refusals import RefusalCounter
@@ -79,20 +81,6 @@ def resident_memory() -> int:
     """This process's resident set size in bytes (from /proc/self/statm)."""
     with open("/proc/self/statm", "rb") as statm:
         return int(statm.read().split()[1]) * _PAGE_SIZE
-
-
-class PeerOverLimit:
-    """The admission of a connection past ``max_connections_per_peer``: told to close,
-    every request refused (not run), so the peer uses the connections it has."""
-
-    def __init__(self, peer: str, limit: int) -> None:
-        self.refusal = ShuttingDown(
-            f"too many connections from {peer} to this worker process ([worker] "
-            f"max_connections_per_peer = {limit}); the task was not run: send it on one of "
-            "your open connections")
-
-    def note_refused(self, peer: str, reason: str) -> None:
-        """Refusals of this connection were counted when it was admitted."""
 
 
 class ProcessServer:

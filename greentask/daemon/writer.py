@@ -171,3 +171,22 @@ class ReplyWriter:
         self.writable.set()
         self._flushed.set()
         log.debug("peer went away, replies dropped: %s", exc)
+
+
+#: How long a connection closed on purpose keeps discarding input (seconds).
+LINGER_SECONDS = 2.0
+
+
+def linger(sock: socket.socket) -> None:
+    """Send FIN, then discard what the peer still sends for up to :data:`LINGER_SECONDS`.
+
+    Closing with unread input sends a reset, which can destroy what was sent
+    just before (a TooLarge reply, a TLS alert) before the peer reads it.
+    """
+    shutdown_socket(sock, socket.SHUT_WR)
+    try:
+        with gevent.Timeout(LINGER_SECONDS, False):
+            while sock.recv(65536):
+                pass
+    except OSError:
+        pass
