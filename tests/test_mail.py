@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import collections
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from aiosmtpd.controller import Controller
 
-from greentask import TaskClient
+from greentask import TaskClient, TaskError
 
-from .conftest import free_port
+from .conftest import free_port, wait_until
 from .smtp_sink import Inbox
 
 pytestmark = pytest.mark.timeout(120)
@@ -102,10 +105,19 @@ def test_refused_recipient_is_reported_and_the_rest_delivered(make_daemon, smtp_
 
 
 def test_unreachable_smtp_server_fails_clearly(make_daemon):
+    # Nothing was sent: the call failed, and says why and how many each cause hit.
     daemon = make_daemon(smtp={"port": free_port()})
     with TaskClient([daemon.address]) as client:
-        result = client.call("send_bulk", [f"u{i}@example.org" for i in range(50)], "s", "b")
-        assert result["sent"] == 0 and len(result["failed"]) == 50
-        assert "Connection refused" in result["failed"]["u0@example.org"]
+        with pytest.raises(TaskError, match=r"RuntimeError: sent none of the 50 messages: 50 "
+                                            r"recipient\(s\): cannot reach the SMTP server "
+                                            r".*Connection refused"):
+            client.call("send_bulk", [f"u{i}@example.org" for i in range(50)], "s", "b")
         with pytest.raises(Exception, match="ConnectionRefusedError"):
             client.call("send_mail", "a@example.org", "s", "b")
+    greentask = str(Path(sys.executable).with_name("greentask"))
+    cli = subprocess.run([greentask, "call", "send_bulk", '{"recipients": ["a@example.org"], '
+                          '"subject": "s", "body": "b"}', "--server", daemon.address],
+                         capture_output=True, text=True, timeout=60)
+    assert cli.returncode == 1 and "sent none of the 1 message: " in cli.stderr
+    wait_until(lambda: "[WARNING] task 'send_bulk' (id" in daemon.log(), 10, "the log line")
+    assert "raised RuntimeError: sent none of the 50 messages" in daemon.log()

@@ -14,11 +14,14 @@ be broken before DATA (a server that timed an idle session out), it is
 reopened and the message sent again: the server cannot have it yet. If the
 session breaks during DATA, the server may or may not have accepted the
 message, so it is reported as failed, never sent twice. A recipient the
-server refuses is reported, not retried.
+server refuses is reported, not retried. A ``send_bulk`` that sent nothing
+failed, and raises (the causes and how many each hit); one that sent some
+returns them, with each failure's reason.
 """
 
 from __future__ import annotations
 
+import collections
 import re
 import smtplib
 import time
@@ -219,7 +222,10 @@ def send_mail(to: str, subject: str, body: str) -> dict[str, Any]:
 def send_bulk(recipients: list[str], subject: str, body: str) -> dict[str, Any]:
     """Send one message to each recipient, concurrently; report ``{"done", "total"}``.
 
-    Returns ``{"sent": n, "total": m, "failed": {address: reason}}``.
+    Returns ``{"sent": n, "total": m, "failed": {address: reason}}`` when at
+    least one message was sent (a partial failure is a result, with each
+    reason). When none was, it raises: nothing was delivered, so the call
+    failed, and its message names the causes and how many each hit.
     """
     if not isinstance(recipients, list) or not all(isinstance(r, str) for r in recipients):
         raise ValueError("recipients must be a list of e-mail addresses (strings)")
@@ -254,7 +260,18 @@ def send_bulk(recipients: list[str], subject: str, body: str) -> dict[str, Any]:
         sessions.join(raise_error=True)
     finally:
         sessions.kill()
+    if total and len(failed) == total:
+        raise RuntimeError(f"sent none of the {total} message{'' if total == 1 else 's'}: "
+                           f"{_causes(failed)}")
     return {"sent": total - len(failed), "total": total, "failed": failed}
+
+
+def _causes(failed: dict[str, str]) -> str:
+    """The reasons recipients failed, most common first, with how many each (at most 3)."""
+    counts = collections.Counter(reason.removeprefix("not sent: ") for reason in failed.values())
+    shown = [f"{count} recipient(s): {reason}" for reason, count in counts.most_common(3)]
+    more = len(counts) - len(shown)
+    return "; ".join(shown) + (f"; and {more} other reasons" if more > 0 else "")
 
 
 def _fail_rest(pending: Iterator[str], failed: dict[str, str], exc: Exception) -> int:
