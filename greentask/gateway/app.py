@@ -93,7 +93,7 @@ class Gateway:
                                          self.settings.allow_no_origin,
                                          load_authorize(self.settings.authorize))
         #: Task permits of this process, over all its sockets.
-        self.permits = BoundedSemaphore(self.settings.max_inflight)
+        self.process_permits = BoundedSemaphore(self.settings.max_inflight)
         geventwebsocket_fixes.install(self.settings.max_message, self.admission.check)
 
     @property
@@ -141,7 +141,7 @@ class Gateway:
 
     def serve_socket(self, socket: Any) -> None:
         """Read messages until the browser leaves; each runs in its own greenlet."""
-        permits = BoundedSemaphore(self.settings.max_inflight_per_socket)
+        socket_permits = BoundedSemaphore(self.settings.max_inflight_per_socket)
         running = gevent.pool.Group()
         self.sockets.add(socket)
         metrics.SOCKETS_OPENED.inc()
@@ -150,7 +150,7 @@ class Gateway:
             self._watcher = gevent.spawn(self._close_sockets_on_stop, socket.handler.server)
             gevent.spawn(self._flush_metrics_forever)
         try:
-            self._read_messages(socket, permits, running)
+            self._read_messages(socket, socket_permits, running)
         finally:
             self.sockets.discard(socket)
             metrics.SOCKETS_OPEN.dec()
@@ -171,7 +171,7 @@ class Gateway:
             socket.close(geventwebsocket_fixes.CLOSE_GOING_AWAY, "server is stopping")
         metrics.TALLY.flush()
 
-    def _read_messages(self, socket: Any, permits: BoundedSemaphore,
+    def _read_messages(self, socket: Any, socket_permits: BoundedSemaphore,
                        running: gevent.pool.Group) -> None:
         while True:
             message: Any = _IDLE
@@ -181,22 +181,23 @@ class Gateway:
                 socket.close(geventwebsocket_fixes.CLOSE_NORMAL, "idle timeout")
             if message is _IDLE or message is None:
                 break
-            if not permits.acquire(blocking=False):
+            if not socket_permits.acquire(blocking=False):
                 self._send(socket, error_event(
                     _message_id(message), "Overloaded",
                     f"more than {self.settings.max_inflight_per_socket} tasks in flight on "
                     "this socket; wait for some to complete"))
                 continue
-            if not self.permits.acquire(blocking=False):
-                permits.release()
+            if not self.process_permits.acquire(blocking=False):
+                socket_permits.release()
                 self._send(socket, error_event(
                     _message_id(message), "Overloaded",
                     "the gateway is running as many tasks as it may; try again in a moment"))
                 continue
-            running.spawn(self._run_message, socket, message, permits)
+            running.spawn(self._run_message, socket, message, socket_permits)
         # Results still coming for this socket are dropped (and counted) in _send.
 
-    def _run_message(self, socket: Any, message: str | bytes, permits: BoundedSemaphore) -> None:
+    def _run_message(self, socket: Any, message: str | bytes,
+                     socket_permits: BoundedSemaphore) -> None:
         try:
             if isinstance(message, bytes):
                 message = message.decode("utf-8", "replace")
@@ -211,8 +212,8 @@ class Gateway:
                 return
             self._run_request(socket, request)
         finally:
-            self.permits.release()
-            permits.release()
+            self.process_permits.release()
+            socket_permits.release()
 
     def _run_request(self, socket: Any, request: dict[str, Any]) -> None:
         request_id = request.get("id")
