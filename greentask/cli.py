@@ -153,9 +153,13 @@ def control(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    status = None
     try:
-        status = send_command(path, "status")
+        if args.command in ("status", "reload"):
+            # A reload is told from earlier ones by its number in the status.
+            status = send_command(path, "status")
         if args.command == "status":
+            assert status is not None
             if args.json:
                 print(_dumps({"master": status["master"], "workers": status["workers"]}))
             else:
@@ -165,8 +169,10 @@ def control(args: argparse.Namespace) -> int:
         arguments = {} if processes is None else {"processes": processes}
         try:
             send_command(path, args.command, **arguments)
-        except Unanswered:
-            pass  # it may well have been carried out: the outcome below says
+        except Unanswered as exc:
+            # It may well have been carried out: the outcome below says.
+            print(f"note: {exc}; it may have been carried out, waiting for the outcome",
+                  file=sys.stderr, flush=True)
     except ControlError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_TASK_FAILED

@@ -369,3 +369,20 @@ def test_the_start_lines_name_every_address_and_the_task_modules(make_daemon, pr
         assert re.search(r": \d+ tasks \(bad_progress, cpu, echo, ", log)
     else:
         assert f"task modules {modules}: each worker imports them (preload_tasks = false)" in log
+
+
+def test_a_command_the_master_is_slow_to_answer_is_judged_by_its_outcome(daemon):
+    # The master stopped (as if busy forking): the command waits in the socket's
+    # queue and is not answered in time, yet it is carried out once the master
+    # runs again; the command line must say what happened, not "timed out".
+    daemon.signal(signal.SIGSTOP)
+    try:
+        scale = subprocess.Popen([GREENTASK, "scale", "3", "-c", str(daemon.config),
+                                  "--timeout", "60"], cwd=ROOT, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        note = scale.stderr.readline()  # blocks until the CLI has given up on the answer
+        assert note.startswith("note: the master at ") and "did not answer within 5 s" in note
+    finally:
+        daemon.signal(signal.SIGCONT)
+    out, err = scale.communicate(timeout=90)
+    assert (scale.returncode, out.strip()) == (0, "scaled to 3 worker processes, all serving"), err

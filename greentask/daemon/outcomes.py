@@ -37,10 +37,11 @@ def _serving(status: Status) -> list[Status]:
                                                                                  "recycle")]
 
 
-def reload_outcome(before: Status, status: Status) -> Outcome | None:
+def reload_outcome(before: Status | None, status: Status) -> Outcome | None:
     """How the reload asked for after ``before`` ended, or None while it runs."""
     reload = status["master"]["reload"]
-    if reload["number"] <= before["master"]["reload"]["number"] or \
+    earlier = 0 if before is None else before["master"]["reload"]["number"]
+    if reload["number"] <= earlier or \
             reload["state"] == "in progress":
         return None
     if reload["state"] == "failed":
@@ -78,14 +79,19 @@ def timed_out(command: str, status: Status | None, waited: float,
                           "graceful_timeout")
 
 
-def wait_for_outcome(path: str, command: str, before: Status, timeout: float,
+def wait_for_outcome(path: str, command: str, before: Status | None, timeout: float,
                      processes: int | None = None) -> Outcome:
-    """Ask the master at ``path`` for its status until ``command`` has ended, or ``timeout``."""
+    """Ask the master at ``path`` for its status until ``command`` has ended, or ``timeout``.
+
+    ``before`` is the status from before a reload was asked for (its number
+    tells this reload from earlier ones).
+    """
     started = time.monotonic()
     last: Status | None = before
     while True:
+        remaining = timeout - (time.monotonic() - started)
         try:
-            status = send_command(path, "status", timeout=max(1.0, timeout))
+            status = send_command(path, "status", timeout=min(5.0, max(1.0, remaining)))
         except NoMaster:
             if command == "stop":
                 return Outcome(True, "stopped")
