@@ -121,3 +121,50 @@ def test_unreachable_smtp_server_fails_clearly(make_daemon):
     assert cli.returncode == 1 and "sent none of the 1 message: " in cli.stderr
     wait_until(lambda: "[WARNING] task 'send_bulk' (id" in daemon.log(), 10, "the log line")
     assert "raised RuntimeError: sent none of the 50 messages" in daemon.log()
+
+
+SEED_LINE = b'{"function":"send_mail","args":{"from":"xxx","to":"xxx","contents":"xxx"}}\n'
+
+
+def test_the_seeds_own_send_mail_calls_work_unchanged(make_daemon, connect, make_gateway):
+    import json
+
+    inbox, port = Inbox(), free_port()
+    controller = Controller(inbox, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        daemon = make_daemon(processes=1, smtp={"port": port})
+        # The seed's exact line (json_encode's output, no id) is delivered
+        # (the test server takes "xxx" as a local address).
+        conn = connect(daemon.port)
+        conn.send(SEED_LINE)
+        assert conn.read_json() == {"ok": True, "result": {"sent": 1}}
+        # With real addresses: from is the sender, contents the body, the
+        # subject a default.
+        conn.send(SEED_LINE.replace(b'"from":"xxx"', b'"from":"boss@example.org"')
+                  .replace(b'"to":"xxx"', b'"to":"user@example.org"')
+                  .replace(b'"contents":"xxx"', b'"contents":"your report is ready"'))
+        assert conn.read_json() == {"ok": True, "result": {"sent": 1}}
+        # The gateway's side of the seed: a browser message runs the same call.
+        ws = make_gateway(daemon, expose="send_mail").connect()
+        ws.send(json.dumps({"function": "send_mail", "id": 1, "args": {
+            "from": "boss@example.org", "to": "ws@example.org", "contents": "from a browser"}}))
+        assert json.loads(ws.recv())["event"] == "complete"
+    finally:
+        controller.stop()
+    senders = [(sender, recipients) for sender, recipients, _ in inbox.messages]
+    assert senders == [("xxx", ["xxx"]), ("boss@example.org", ["user@example.org"]),
+                       ("boss@example.org", ["ws@example.org"])]
+    first = inbox.messages[1][2]
+    assert b"Subject: (no subject)" in first and b"your report is ready" in first
+
+
+@pytest.mark.parametrize("args, words", [
+    ({"to": "a@example.org", "contents": "x", "sender": "b@example.org"},
+     "unexpected argument(s) ['sender']"),
+    ({"to": "a@example.org"}, "needs the message: body (or the seed's contents)"),
+    ({"to": "a@example.org", "body": "x", "contents": "y"}, "give body or contents, not both"),
+])
+def test_send_mail_says_which_argument_is_wrong(daemon, connect, args, words):
+    reply = connect(daemon.port).call({"function": "send_mail", "args": args, "id": 1})
+    assert reply["error"]["type"] == "BadArguments" and words in reply["error"]["message"]

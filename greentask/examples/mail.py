@@ -34,6 +34,7 @@ import gevent.pool
 from gevent.lock import BoundedSemaphore
 
 from greentask.config import current
+from greentask.errors import BadArguments
 from greentask.registry import progress, task
 
 #: Seconds an SMTP connect or command may take.
@@ -202,11 +203,30 @@ def session_pool() -> SessionPool:
     return _pool
 
 
+#: The subject of a message sent without one (the seed's calls give none).
+DEFAULT_SUBJECT = "(no subject)"
+
+
 @task
-def send_mail(to: str, subject: str, body: str) -> dict[str, Any]:
-    """Send one message; returns ``{"sent": 1}``."""
+def send_mail(to: str, subject: str = DEFAULT_SUBJECT, body: str | None = None, *,
+              contents: str | None = None, **sender: str) -> dict[str, Any]:
+    """Send one message; returns ``{"sent": 1}``.
+
+    Also takes the seed's (Workerman's) argument names, so its calls work
+    unchanged: ``{"from": ..., "to": ..., "contents": ...}``; ``from`` is the
+    sender (else ``[smtp] sender``), ``contents`` the body.
+    """
+    unknown = sender.keys() - {"from"}
+    if unknown:
+        raise BadArguments(f"unexpected argument(s) {sorted(unknown)}; send_mail takes to, "
+                           "subject, body (or the seed's from, to, contents)")
+    if body is None and contents is None:
+        raise BadArguments("send_mail needs the message: body (or the seed's contents)")
+    if body is not None and contents is not None:
+        raise BadArguments("give body or contents, not both (they are the same thing)")
     pool = session_pool()
-    template = MessageTemplate(current().smtp.sender, subject, body)
+    template = MessageTemplate(sender.get("from") or current().smtp.sender, subject,
+                               body if body is not None else str(contents))
     session = pool.take()
     try:
         session = deliver(session, template, to)
