@@ -9,6 +9,7 @@ from greentask.client import TaskClient, TaskHandle
 from greentask.errors import (
     BadArguments,
     BadRequest,
+    Cancelled,
     ConfigError,
     ConnectionFailed,
     GreentaskError,
@@ -26,7 +27,7 @@ from greentask.registry import progress, task
 __version__ = "0.1.0"
 
 __all__ = [
-    "BadArguments", "BadRequest", "ConfigError", "ConnectionFailed", "GreentaskError",
+    "BadArguments", "BadRequest", "Cancelled", "ConfigError", "ConnectionFailed", "GreentaskError",
     "RemoteError", "ShuttingDown", "TaskClient", "TaskError", "TaskHandle", "TaskTimeout",
     "TooLarge", "Unauthorized", "UnknownFunction", "WorkerLost", "progress", "task",
 ]

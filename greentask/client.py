@@ -28,6 +28,7 @@ its socket in non-blocking mode and makes every TLS call under one lock
 from __future__ import annotations
 
 import enum
+import functools
 import itertools
 import logging
 import socket
@@ -39,6 +40,7 @@ from typing import Any
 
 from greentask.address import parse_address
 from greentask.errors import (
+    Cancelled,
     ConnectionFailed,
     GreentaskError,
     ShuttingDown,
@@ -46,7 +48,14 @@ from greentask.errors import (
     Unauthorized,
     WorkerLost,
 )
-from greentask.protocol import LineDecoder, Reply, encode_hello, encode_request, parse_reply
+from greentask.protocol import (
+    LineDecoder,
+    Reply,
+    encode_cancel,
+    encode_hello,
+    encode_request,
+    parse_reply,
+)
 from greentask.tls import SharedTLSStream, is_handshake_refusal
 
 log = logging.getLogger("greentask.client")
@@ -93,6 +102,23 @@ class TaskHandle:
         self._done = threading.Event()
         self._result: Any = None
         self._error: BaseException | None = None
+        #: Sends the cancel line on the connection that carries it (set once sent).
+        self._send_cancel: Callable[[], None] | None = None
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        """Ask the server to cancel the task, and return at once.
+
+        :meth:`get` then raises :class:`Cancelled` (with ``.result`` when the
+        task reported what it had done), unless the task finished first.
+        Does nothing once the task is done.
+        """
+        if self.done():
+            return
+        self.cancelled = True
+        send_cancel = self._send_cancel
+        if send_cancel is not None:
+            send_cancel()
 
     def done(self) -> bool:
         """True once the result or the error is in."""
@@ -203,6 +229,9 @@ class _Connection:
             self._pending[request_id] = handle
             try:
                 self._sendall(line)
+                handle._send_cancel = functools.partial(self._cancel, request_id)
+                if handle.cancelled:  # cancelled while it was being sent
+                    self._sendall(encode_cancel(request_id))
                 return
             except OSError as exc:
                 del self._pending[request_id]
@@ -211,6 +240,15 @@ class _Connection:
                 failure = str(exc)
         self._reader_done.wait(SEND_FAILURE_GRACE)
         raise _SendFailed(self.closed_because or failure)
+
+    def _cancel(self, request_id: int) -> None:
+        with self._lock:
+            if not self.alive or request_id not in self._pending:
+                return  # answered already, or lost with the connection
+            try:
+                self._sendall(encode_cancel(request_id))
+            except OSError:
+                pass  # the reader sees the connection die and gives the request back
 
     def close(self) -> None:
         """Close; the reader fails whatever is still pending."""
@@ -349,8 +387,14 @@ class TaskClient:
         Positional or keyword arguments (not both) are the task's; ``retry``,
         ``timeout`` and ``on_progress`` are the call's own (see :meth:`submit`).
         """
-        return self.submit(function, *args, retry=retry, timeout=timeout,
-                           on_progress=on_progress, **kwargs).get()
+        handle = self.submit(function, *args, retry=retry, timeout=timeout,
+                             on_progress=on_progress, **kwargs)
+        try:
+            return handle.get()
+        except TaskTimeout:
+            # No reply in time: do not leave it running on the server.
+            handle.cancel()
+            raise
 
     def submit(self, function: str, /, *args: Any, retry: bool = False,
                timeout: float | None = None, on_progress: ProgressCallback | None = None,
@@ -402,6 +446,10 @@ class TaskClient:
         One that did not run (refused, ShuttingDown) is always sent again; one
         whose connection died after it was sent only with ``retry=True``.
         """
+        if handle.cancelled:
+            handle._resolve(error=Cancelled(
+                f"task {handle.function!r} was cancelled; it was not sent again ({reason})"))
+            return
         if cause is Unanswered.LOST and not handle.retry:
             handle._resolve(error=WorkerLost(
                 f"connection to the task server closed before task {handle.function!r} "

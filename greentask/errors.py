@@ -45,6 +45,8 @@ class RemoteError(GreentaskError):
         type_name = str(error.get("type", "Error"))
         message = str(error.get("message", ""))
         error_class = WIRE_TYPES.get(type_name, RemoteError)
+        if error_class is Cancelled:
+            return Cancelled(message, type_name, result=error.get("result"))
         return error_class(message, type_name)
 
 
@@ -96,11 +98,36 @@ class ShuttingDown(RemoteError):
     wire_type = "ShuttingDown"
 
 
+class Cancelled(RemoteError):
+    """The task was cancelled by its caller before it finished.
+
+    Raised inside the task at its next cooperative point (any gevent switch).
+    A task may catch it to clean up, then end; it may report what it had done
+    with ``raise Cancelled(result={"sent": 412, "total": 1000})``, which
+    travels as ``error.result``. Never retried, and never counted as a failure.
+    """
+
+    wire_type = "Cancelled"
+
+    def __init__(self, message: str = "the task was cancelled", type: str | None = None, *,
+                 result: Any = None) -> None:
+        super().__init__(message, type)
+        #: What the task had done when it was cancelled, if it said (any JSON), or None.
+        self.result = result
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``error`` object, with ``result`` when the task gave one."""
+        error = super().to_dict()
+        if self.result is not None:
+            error["result"] = self.result
+        return error
+
+
 #: Wire ``type`` -> exception class, for rebuilding errors from replies.
 WIRE_TYPES: dict[str, type[RemoteError]] = {
     cls.wire_type: cls
     for cls in (BadRequest, UnknownFunction, BadArguments, TaskError, TaskTimeout, TooLarge,
-                Unauthorized, ShuttingDown)
+                Unauthorized, ShuttingDown, Cancelled)
 }
 
 

@@ -42,7 +42,8 @@ _ARGS_TYPES = (list, dict, type(None))
 _ID_TYPES = (int, str, type(None))
 _COMMON_FIELDS = frozenset({"function", "args", "id"})
 #: Every field a request may have.
-_REQUEST_FIELDS = frozenset(("function", "args", "id", "progress", "timeout"))
+_REQUEST_FIELDS = frozenset(("function", "args", "id", "progress", "timeout",
+                             "cancel_on_disconnect"))
 
 
 class LineDecoder:
@@ -119,9 +120,17 @@ class Request(NamedTuple):
     id: RequestId = None
     progress: bool = False
     timeout: float | None = None
+    #: Cancel the task if its connection ends before the reply.
+    cancel_on_disconnect: bool = False
 
 
-def parse_request(line: bytes, max_depth: int = DEFAULT_MAX_DEPTH) -> Request:
+class Cancel(NamedTuple):
+    """A cancel line, ``{"cancel": ID}``: cancel the request with that id (same connection)."""
+
+    id: int | str
+
+
+def parse_request(line: bytes, max_depth: int = DEFAULT_MAX_DEPTH) -> Request | Cancel:
     """Decode one request line.
 
     Raises :class:`BadRequest` when the line is not a JSON object, nests
@@ -171,7 +180,9 @@ def _deeper_than(value: Any, limit: int) -> bool:
     return False
 
 
-def _request_from_object(obj: dict[str, Any], request_id: Any) -> Request:
+def _request_from_object(obj: dict[str, Any], request_id: Any) -> Request | Cancel:
+    if "cancel" in obj:
+        return _cancel_from_object(obj)
     if request_id is not None and (not isinstance(request_id, (int, str))
                                    or isinstance(request_id, bool)):
         raise BadRequest(f'"id" must be a string or an integer, not {_json_kind(request_id)}')
@@ -195,11 +206,26 @@ def _request_from_object(obj: dict[str, Any], request_id: Any) -> Request:
                 or not 0 < timeout < float("inf"):
             raise BadRequest(f'"timeout" must be a positive number of seconds, not {timeout!r}')
         timeout = float(timeout)
+    cancel_on_disconnect = obj.get("cancel_on_disconnect", False)
+    if not isinstance(cancel_on_disconnect, bool):
+        raise BadRequest('"cancel_on_disconnect" must be true or false, not '
+                         f"{_json_kind(cancel_on_disconnect)}")
     unknown = obj.keys() - _REQUEST_FIELDS
     if unknown:
         raise BadRequest(f"unknown request field(s) {sorted(unknown)}; the fields are "
                          f"{sorted(_REQUEST_FIELDS)}")
-    return Request(function, args, request_id, progress, timeout)
+    return Request(function, args, request_id, progress, timeout, cancel_on_disconnect)
+
+
+def _cancel_from_object(obj: dict[str, Any]) -> Cancel:
+    request_id = obj["cancel"]
+    if not isinstance(request_id, (int, str)) or isinstance(request_id, bool):
+        raise BadRequest('"cancel" must be the id (a string or an integer) of a request sent '
+                         f"on this connection, not {_json_kind(request_id)}")
+    if obj.keys() != {"cancel"}:
+        raise BadRequest(f'a cancel line has one field, "cancel"; not '
+                         f"{sorted(obj.keys() - {'cancel'})}")
+    return Cancel(request_id)
 
 
 def _valid_id_or_none(request_id: Any) -> RequestId:
@@ -271,6 +297,11 @@ def parse_hello(line: bytes) -> str | None:
 def encode_closing() -> bytes:
     """The notice a stopping server sends a pipelining peer: finish, then close."""
     return b'{"closing":true}\n'
+
+
+def encode_cancel(request_id: int | str) -> bytes:
+    """The line that cancels the request ``request_id`` sent on the same connection."""
+    return encode_line({"cancel": request_id})
 
 
 def encode_request(function: str, args: list[Any] | dict[str, Any] | None = None,

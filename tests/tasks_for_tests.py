@@ -63,3 +63,38 @@ def gauge(seconds: float) -> int:
     finally:
         _running -= 1
     return _peak
+
+
+@task
+def cleans_up(seconds: float) -> int:
+    """Sleeps; cancelled, reports how far it got."""
+    from greentask import Cancelled
+    started = time.monotonic()
+    try:
+        time.sleep(seconds)
+    except Cancelled:
+        raise Cancelled(result={"slept": round(time.monotonic() - started, 1),
+                                "cleaned": True}) from None
+    return 0
+
+
+@task
+def ignores_cancel(seconds: float) -> str:
+    """Catches the cancellation and goes on sleeping: killed after cancel_grace."""
+    from greentask import Cancelled
+    try:
+        time.sleep(seconds)
+    except Cancelled:
+        time.sleep(seconds)
+    return "never"
+
+
+@task
+def returns_when_cancelled(seconds: float) -> str:
+    """Catches the cancellation and returns: what it returns is the cancelled result."""
+    from greentask import Cancelled
+    try:
+        time.sleep(seconds)
+    except Cancelled:
+        return "stopped early"
+    return "done"

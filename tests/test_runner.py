@@ -128,8 +128,8 @@ def test_outcomes_are_counted_once_each_with_their_reply(registry):
         not_json["error"]["message"]
     assert (slot.get(scoreboard.DONE), slot.get(scoreboard.FAILED),
             slot.get(scoreboard.TIMED_OUT)) == (1, 3, 0)
-    assert slot.functions() == {"echo": [1, 0, 0], "fails": [0, 1, 0], "refuses": [0, 1, 0],
-                                "not_json": [0, 1, 0]}
+    assert slot.functions() == {"echo": [1, 0, 0, 0], "fails": [0, 1, 0, 0],
+                                "refuses": [0, 1, 0, 0], "not_json": [0, 1, 0, 0]}
 
 
 def test_a_short_limit_has_its_own_timer_and_is_not_swallowed_by_the_task(registry):

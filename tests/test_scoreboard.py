@@ -16,7 +16,7 @@ def test_counts_by_function_and_outcome_add_up_to_the_slot_totals():
             child.count_task("echo", outcome)
     child.count_task("send_bulk", DONE)
     master_view = board.slot(0)  # a fresh Slot, as the master makes them
-    assert master_view.functions() == {"echo": [5, 2, 1], "send_bulk": [1, 0, 0]}
+    assert master_view.functions() == {"echo": [5, 2, 1, 0], "send_bulk": [1, 0, 0, 0]}
     assert (master_view.get(DONE), master_view.get(FAILED), master_view.get(TIMED_OUT)) == \
         (6, 2, 1)
     assert board.slot(1).functions() == {}
@@ -29,7 +29,7 @@ def test_names_past_the_table_share_one_row_and_a_new_child_starts_empty():
         child.count_task(f"task_{i}_" + "x" * 100, DONE)  # long names are cut, not spilled
     counts = board.slot(0).functions()
     assert len(counts) == MAX_FUNCTIONS
-    assert counts[OTHER_FUNCTION] == [11, 0, 0]
+    assert counts[OTHER_FUNCTION] == [11, 0, 0, 0]
     assert sum(row[0] for row in counts.values()) == MAX_FUNCTIONS + 10
     assert all(len(name.encode()) < scoreboard.NAME_BYTES for name in counts)
     board.release(0)
@@ -37,9 +37,10 @@ def test_names_past_the_table_share_one_row_and_a_new_child_starts_empty():
 
 
 def test_totals_survive_in_the_master_when_a_worker_is_gone():
-    totals: dict[str, list[float]] = {"echo": [1.0, 0.0, 0.0]}
-    scoreboard.add_function_counts(totals, {"echo": [2.0, 1.0, 0.0], "fail": [0.0, 3.0, 0.0]})
-    assert totals == {"echo": [3.0, 1.0, 0.0], "fail": [0.0, 3.0, 0.0]}
+    totals: dict[str, list[float]] = {"echo": [1.0, 0.0, 0.0, 1.0]}
+    scoreboard.add_function_counts(totals, {"echo": [2.0, 1.0, 0.0, 0.0],
+                                            "fail": [0.0, 3.0, 0.0, 0.0]})
+    assert totals == {"echo": [3.0, 1.0, 0.0, 1.0], "fail": [0.0, 3.0, 0.0, 0.0]}
 
 
 def test_every_state_change_is_checked_against_the_table():

@@ -138,6 +138,10 @@ SETTINGS: tuple[Setting, ...] = (
             "connection until one finishes."),
     Setting("worker", "task_timeout", "300", to_seconds,
             "Longest run of one task; a request's own timeout can only shorten it."),
+    Setting("worker", "cancel_grace", "5", to_seconds,
+            "After a task is cancelled (a cancel line, or its connection ended with "
+            "cancel_on_disconnect), how long it may take to clean up and end before it is "
+            "killed."),
     Setting("worker", "graceful_timeout", "30", to_seconds,
             "On SIGTERM, how long in-flight tasks may run before their process is killed."),
     Setting("worker", "closing_grace", "2", to_seconds,

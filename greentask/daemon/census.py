@@ -22,7 +22,8 @@ RATE_WINDOW = 5.0
 #: Why a worker was replaced (the metrics' ``cause`` label): it died, its loop
 #: stopped (the watchdog), it could not start, or it was retired.
 RESTART_CAUSES = ("crash", "watchdog", "boot", "reload", "recycle", "scale", "failed reload")
-STATUS_FIELDS = ("rss", "connections", "inflight", "done", "failed", "timed_out")
+STATUS_FIELDS = ("rss", "connections", "inflight", "done", "failed", "timed_out",
+                 "cancelled")
 
 
 def fold(slot: scoreboard.Slot, totals: list[float],
@@ -40,7 +41,8 @@ class Census:
         self.board = board
         #: Counters of workers that have exited.
         self.totals = [0.0] * len(scoreboard.FIELDS)
-        #: Task counts by function of the workers that exited: [ok, failed, timeout].
+        #: Task counts by function of the workers that exited: [ok, failed, timeout,
+        #: cancelled].
         self.function_totals: dict[str, list[float]] = {}
         #: Workers replaced, by cause; every cause from 0, so a dashboard sees it at once.
         self.restarts: collections.Counter[str] = collections.Counter(

@@ -52,6 +52,7 @@ from greentask.daemon.runner import TaskRunner
 from greentask.daemon.writer import ReplyWriter, linger
 from greentask.errors import BadRequest, RemoteError, ShuttingDown, TaskTimeout, Unauthorized
 from greentask.protocol import (
+    Cancel,
     LineDecoder,
     encode_closing,
     encode_error,
@@ -139,6 +140,7 @@ class Connection:
         #: How long a peer asked to close may keep the connection, once idle.
         self._ask_grace = IDLE_GRACE
         # Bound once: the per-request path below is the hot one.
+        self.runner = runner
         self._lookup = runner.registry.lookup
         self._submit = runner.submit
 
@@ -159,7 +161,10 @@ class Connection:
             pass
         finally:
             self._parked = False
-            # A peer that half-closed after sending still gets its replies.
+            if self._peer_done:
+                # Its requests that asked for it are cancelled; the others
+                # finish (a peer that half-closed after sending gets its replies).
+                self.runner.cancel_on_disconnect(self)
             self._idle.wait()
             self.writer.wait_flushed()
             if self.writer.cut_off_reason:
@@ -334,6 +339,9 @@ class Connection:
         except BadRequest as exc:
             self.send(encode_error(exc.request_id, exc))
             return
+        if isinstance(request, Cancel):
+            self.runner.cancel(self, request.id)  # no reply: the task's own one says it
+            return
         if request.id is not None:
             self.uses_ids = True
         refusal = self.admission.refusal
@@ -355,10 +363,14 @@ class Connection:
     def _refuse(self, line: bytes) -> None:
         """Answer a line read after the connection began closing: it is not run."""
         try:
-            request_id = parse_request(line, self._max_depth).id
+            request = parse_request(line, self._max_depth)
         except BadRequest as exc:
-            request_id = exc.request_id
-        self.send(encode_error(request_id, self._refusal))
+            self.send(encode_error(exc.request_id, self._refusal))
+            return
+        if isinstance(request, Cancel):
+            self.runner.cancel(self, request.id)  # still running here: it may stop
+            return
+        self.send(encode_error(request.id, self._refusal))
 
     def _authenticate(self, line: bytes) -> None:
         token = parse_hello(line)

@@ -26,7 +26,7 @@ from greentask.daemon.oneshot import OneShotServer
 Snapshot = Callable[[], tuple[list[float], list[dict[str, Any]], dict[str, Any]]]
 
 #: Label values of the outcomes, in the order of scoreboard.OUTCOMES.
-OUTCOME_LABELS = ("ok", "failed", "timeout")
+OUTCOME_LABELS = ("ok", "failed", "timeout", "cancelled")
 
 
 class DaemonCollector(Collector):

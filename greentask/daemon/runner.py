@@ -38,7 +38,7 @@ from gevent.event import Event
 from gevent.lock import Semaphore
 
 from greentask.daemon import scoreboard
-from greentask.errors import RemoteError, TaskError, TaskTimeout
+from greentask.errors import Cancelled, RemoteError, TaskError, TaskTimeout
 from greentask.protocol import Request, encode_error, encode_progress, encode_result
 from greentask.registry import Registry, call_task, progress_sink
 
@@ -65,6 +65,11 @@ class TaskOwner(Protocol):
 
     def task_finished(self) -> None:
         """Called once per task, after its final reply was queued."""
+
+
+class CancelOverdue(BaseException):
+    """Thrown into a cancelled task still running after ``cancel_grace``: it ends now
+    (a BaseException, so the task's ``except Exception`` does not keep it alive)."""
 
 
 class Expired(BaseException):
@@ -127,8 +132,10 @@ class TaskRunner:
 
     def __init__(self, registry: Registry, slot: scoreboard.Slot, *, concurrency: int,
                  task_timeout: float, max_tasks: int = 0, measure_durations: bool = False,
-                 debug: bool = False, on_recycle: Callable[[str], None] | None = None) -> None:
+                 debug: bool = False, on_recycle: Callable[[str], None] | None = None,
+                 cancel_grace: float = 5.0) -> None:
         self.registry = registry
+        self.cancel_grace = cancel_grace
         self.slot = slot
         self.max_tasks = max_tasks
         self.task_timeout = task_timeout
@@ -140,6 +147,8 @@ class TaskRunner:
         #: Every task in flight, by the greenlet it runs in.
         self.running: dict[greenlet.greenlet, RunningTask] = {}
         self.sweep = DeadlineSweep()
+        #: The greenlets of the tasks told to stop.
+        self.cancelling: set[greenlet.greenlet] = set()
         self._idle = Event()
         self._idle.set()
         self._idle_greenlets: list[greenlet.greenlet] = []
@@ -208,6 +217,41 @@ class TaskRunner:
                 return task_greenlet
         return None
 
+    def cancel(self, owner: TaskOwner, request_id: Any) -> bool:
+        """Cancel ``owner``'s running task ``request_id``; False when none runs (finished,
+        or never sent): nothing to do, its final reply has gone or is about to.
+
+        :class:`~greentask.errors.Cancelled` is raised in the task at its next
+        cooperative point; one still running ``cancel_grace`` seconds later is
+        killed. Either way its final reply is a ``Cancelled`` error.
+        """
+        task_greenlet = self.find(owner, request_id)
+        if task_greenlet is None or task_greenlet in self.cancelling:
+            return False
+        entry = self.running[task_greenlet]
+        self.cancelling.add(task_greenlet)
+        # From the hub, as gevent.kill does, and only if the greenlet still
+        # runs this task: it may have finished (and taken another) meanwhile.
+        self._loop.run_callback(self._interrupt, task_greenlet, entry,
+                                Cancelled("the task was cancelled by its caller"))
+        gevent.spawn_later(self.cancel_grace, self._interrupt_late, task_greenlet, entry)
+        return True
+
+    def cancel_on_disconnect(self, owner: TaskOwner) -> None:
+        """``owner``'s connection ended: cancel its tasks that asked for it."""
+        for task_owner, request in list(self.running.values()):
+            if task_owner is owner and request.cancel_on_disconnect and request.id is not None:
+                self.cancel(owner, request.id)
+
+    def _interrupt(self, task_greenlet: greenlet.greenlet, entry: RunningTask,
+                   exc: BaseException) -> None:
+        if self.running.get(task_greenlet) is entry:
+            task_greenlet.throw(exc)
+
+    def _interrupt_late(self, task_greenlet: greenlet.greenlet, entry: RunningTask) -> None:
+        if self.running.get(task_greenlet) is entry:
+            self._loop.run_callback(self._interrupt, task_greenlet, entry, CancelOverdue())
+
     def wait_idle(self, timeout: float) -> bool:
         """Wait until no task runs; False if some still run after ``timeout`` seconds."""
         return self._idle.wait(timeout=timeout)
@@ -234,6 +278,7 @@ class TaskRunner:
             owner.send(line)
         finally:
             del running[current]
+            self.cancelling.discard(current)
             slot.set(scoreboard.INFLIGHT, len(running))
             self.permits.release()
             if not running:
@@ -268,6 +313,13 @@ class TaskRunner:
             else:
                 with progress_sink(sink):
                     result = call_task(function, request.args, request.function)
+        except Cancelled as exc:
+            return encode_error(request.id, exc), scoreboard.CANCELLED
+        except CancelOverdue:
+            return encode_error(request.id, Cancelled(
+                f"task {request.function!r} was cancelled and did not end within "
+                f"{self.cancel_grace:g} s ([worker] cancel_grace), so it was stopped")), \
+                scoreboard.CANCELLED
         except Expired as exc:
             if exc is not expired:
                 raise
@@ -290,6 +342,10 @@ class TaskRunner:
                 timer.cancel()
             if self.measure_durations:
                 self.slot.observe(time.monotonic() - started)
+        if current in self.cancelling:
+            # Cancelled, it cleaned up and returned: what it returned is what it did.
+            return encode_error(request.id, Cancelled(
+                "the task was cancelled by its caller", result=result)), scoreboard.CANCELLED
         try:
             return encode_result(request.id, result), scoreboard.DONE
         except (TypeError, OverflowError) as exc:

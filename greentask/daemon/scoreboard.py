@@ -12,7 +12,7 @@ greentask runs on, so no lock is needed on the hot path (a task increments
 Beside each row, a slot has a small table of task counts by function name
 (for the metrics): up to :data:`MAX_FUNCTIONS` names, written once each by
 the child on a function's first use (length byte last, so the master never
-reads half a name), then ``ok``/``failed``/``timeout`` counts.
+reads half a name), then ``ok``/``failed``/``timeout``/``cancelled`` counts.
 
 Worker states are :class:`~greentask.daemon.lifecycle.WorkerState`; every
 change goes through :meth:`Slot.set_state`, which checks it against the
@@ -36,15 +36,15 @@ DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0)
 
 #: The fields of a slot, in order.
 FIELDS = ("pid", "generation", "state", "started_at", "heartbeat", "done", "failed",
-          "timed_out", "inflight", "connections", "rss", "accepting", "duration_sum",
+          "timed_out", "cancelled", "inflight", "connections", "rss", "accepting", "duration_sum",
           *(f"duration_bucket_{i}" for i in range(len(DURATION_BUCKETS) + 1)))
 _INDEX = {name: i for i, name in enumerate(FIELDS)}
-PID, GENERATION, STATE, STARTED_AT, HEARTBEAT, DONE, FAILED, TIMED_OUT, INFLIGHT, \
-    CONNECTIONS, RSS, ACCEPTING, DURATION_SUM = range(13)
+PID, GENERATION, STATE, STARTED_AT, HEARTBEAT, DONE, FAILED, TIMED_OUT, CANCELLED, \
+    INFLIGHT, CONNECTIONS, RSS, ACCEPTING, DURATION_SUM = range(14)
 #: Index of the first duration bucket (each counts the tasks in its bucket only).
-DURATION_BUCKET = 13
+DURATION_BUCKET = 14
 #: The counters that only grow while a worker lives (summed into totals when it dies).
-TOTALS = (DONE, FAILED, TIMED_OUT, DURATION_SUM,
+TOTALS = (DONE, FAILED, TIMED_OUT, CANCELLED, DURATION_SUM,
           *range(DURATION_BUCKET, DURATION_BUCKET + len(DURATION_BUCKETS) + 1))
 
 
@@ -55,7 +55,7 @@ NAME_BYTES = 64
 #: The name that counts every function past MAX_FUNCTIONS.
 OTHER_FUNCTION = "(other)"
 #: The outcomes counted per function, in the order of their counts.
-OUTCOMES = (DONE, FAILED, TIMED_OUT)
+OUTCOMES = (DONE, FAILED, TIMED_OUT, CANCELLED)
 
 
 class Slot:
@@ -102,7 +102,7 @@ class Slot:
         cells[base + DURATION_BUCKET + bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
 
     def count_task(self, function: str, outcome: int) -> None:
-        """Count one finished task of ``function``; ``outcome`` is DONE, FAILED or TIMED_OUT."""
+        """Count one finished task of ``function``; ``outcome`` is one of OUTCOMES."""
         self._cells[self._base + outcome] += 1
         row = self._rows.get(function)
         if row is None:
@@ -125,7 +125,7 @@ class Slot:
         return row
 
     def functions(self) -> dict[str, list[float]]:
-        """Counts by function name: ``[ok, failed, timeout]`` (read by the master)."""
+        """Counts by function name: ``[ok, failed, timeout, cancelled]`` (read by the master)."""
         found: dict[str, list[float]] = {}
         for entry in range(self._name_base, self._name_base + MAX_FUNCTIONS):
             offset = entry * NAME_BYTES

@@ -98,7 +98,8 @@ class ProcessServer:
         self.runner = TaskRunner(
             registry, slot, concurrency=settings.concurrency, task_timeout=settings.task_timeout,
             max_tasks=max_tasks, measure_durations=settings.metrics_bind is not None,
-            debug=settings.debug, on_recycle=self.request_recycle)
+            debug=settings.debug, on_recycle=self.request_recycle,
+            cancel_grace=settings.cancel_grace)
         self.limits = ConnectionLimits.from_settings(settings)
         self.server = StreamServer(listener, self.handle_connection, spawn=self._accepted)
         self._max_connections = settings.max_connections
