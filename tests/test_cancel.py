@@ -121,3 +121,34 @@ def test_a_task_handle_cancels_its_task_and_get_raises_cancelled(daemon):
         assert finished.get() == [1]
         assert client.call("echo", "still fine") == ["still fine"]
     assert daemon.inflight() == 0
+
+
+def test_a_cancelled_send_bulk_reports_exactly_what_the_smtp_server_received(make_daemon):
+    from aiosmtpd.controller import Controller
+
+    from greentask import Cancelled, TaskClient
+
+    from .conftest import free_port
+    from .smtp_sink import Inbox
+    inbox = Inbox(delay=0.02)  # a slow mail server: the 1,000 would take seconds
+    controller = Controller(inbox, hostname="127.0.0.1", port=free_port())
+    controller.start()
+    try:
+        daemon = make_daemon(processes=1, cancel_grace=5,
+                             smtp={"port": controller.port, "max_parallel": 4})
+        recipients = [f"u{i}@example.org" for i in range(1000)]
+        first_progress = []
+        with TaskClient([daemon.address], timeout=120) as client:
+            handle = client.submit("send_bulk", recipients, "s", "b",
+                                   on_progress=first_progress.append)
+            wait_until(lambda: first_progress, 30, "the first progress line")
+            handle.cancel()
+            with pytest.raises(Cancelled, match="cancelled after") as info:
+                handle.get(timeout=30)
+        result = info.value.result
+        assert result["total"] == 1000 and 0 < result["sent"] < 1000
+        delivered = inbox.recipients()
+        assert len(delivered) == len(set(delivered)) == result["sent"]  # each exactly once
+        wait_until(lambda: daemon.inflight() == 0, 10, "nothing in flight")
+    finally:
+        controller.stop()

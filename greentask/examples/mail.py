@@ -34,7 +34,7 @@ import gevent.pool
 from gevent.lock import BoundedSemaphore
 
 from greentask.config import current
-from greentask.errors import BadArguments
+from greentask.errors import BadArguments, Cancelled
 from greentask.registry import progress, task
 
 #: Seconds an SMTP connect or command may take.
@@ -246,6 +246,10 @@ def send_bulk(recipients: list[str], subject: str, body: str) -> dict[str, Any]:
     least one message was sent (a partial failure is a result, with each
     reason). When none was, it raises: nothing was delivered, so the call
     failed, and its message names the causes and how many each hit.
+
+    Cancelled, it starts no new message, lets the ones being sent finish
+    (never cutting a message off in the middle of DATA), and raises
+    ``Cancelled`` with the same counts as its result.
     """
     if not isinstance(recipients, list) or not all(isinstance(r, str) for r in recipients):
         raise ValueError("recipients must be a list of e-mail addresses (strings)")
@@ -255,12 +259,16 @@ def send_bulk(recipients: list[str], subject: str, body: str) -> dict[str, Any]:
     pending = iter(recipients)
     failed: dict[str, str] = {}
     done = 0
+    stopping = False
 
     def work() -> None:
         nonlocal done
         session = pool.take()
         try:
-            for to in pending:
+            while not stopping:
+                to = next(pending, None)
+                if to is None:
+                    break
                 try:
                     session = deliver(session, template, to)
                 except NotDelivered as exc:
@@ -278,6 +286,12 @@ def send_bulk(recipients: list[str], subject: str, body: str) -> dict[str, Any]:
         for _ in range(min(pool.size, total)):
             sessions.spawn(work)
         sessions.join(raise_error=True)
+    except Cancelled:
+        stopping = True
+        sessions.join()  # the messages in flight finish; [worker] cancel_grace bounds it
+        raise Cancelled(f"cancelled after {done} of {total} recipients",
+                        result={"sent": done - len(failed), "total": total,
+                                "failed": failed}) from None
     finally:
         sessions.kill()
     if total and len(failed) == total:
