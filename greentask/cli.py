@@ -12,13 +12,17 @@ from greentask.client import TaskClient
 from greentask.config import control_socket_path, load, render_markdown
 from greentask.daemon.control import ControlError, Unanswered, format_status, send_command
 from greentask.daemon.outcomes import wait_for_outcome
-from greentask.errors import ConfigError, GreentaskError
+from greentask.errors import Cancelled, ConfigError, GreentaskError
 from greentask.gateway.upstream import client_context
 
 #: Exit status of a call whose task failed, or of a master that could not be reached.
 EXIT_TASK_FAILED = 1
 #: Exit status of a wrong command line or config.
 EXIT_USAGE = 2
+#: Exit status of a call cancelled with Ctrl-C (128 + SIGINT, as shells use).
+EXIT_INTERRUPTED = 130
+#: How long Ctrl-C waits for the cancelled task's last word (seconds).
+CANCEL_WAIT = 30.0
 
 
 def _dumps(value: Any) -> str:
@@ -136,8 +140,20 @@ def call(args: argparse.Namespace) -> int:
     on_progress = (lambda value: print(_dumps({"progress": value}), flush=True)) \
         if args.progress else None
     with client:
+        handle = client.apply(args.function, task_args, on_progress=on_progress)
         try:
-            result = client.apply(args.function, task_args, on_progress=on_progress).get()
+            try:
+                result = handle.get()
+            except KeyboardInterrupt:
+                # Ctrl-C: the task must not go on running on the server.
+                print("cancelling the task ...", file=sys.stderr, flush=True)
+                handle.cancel()
+                result = handle.get(timeout=CANCEL_WAIT)
+        except Cancelled as exc:
+            print(f"cancelled: {exc.message}", file=sys.stderr)
+            if exc.result is not None:
+                print(_dumps(exc.result))
+            return EXIT_INTERRUPTED
         except GreentaskError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_TASK_FAILED

@@ -152,3 +152,26 @@ def test_a_cancelled_send_bulk_reports_exactly_what_the_smtp_server_received(mak
         wait_until(lambda: daemon.inflight() == 0, 10, "nothing in flight")
     finally:
         controller.stop()
+
+
+def test_ctrl_c_in_greentask_call_cancels_the_task_and_prints_its_partial_result(daemon):
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from .conftest import ROOT
+    call = subprocess.Popen([str(Path(sys.executable).with_name("greentask")), "call",
+                             "cleans_up", "[60]", "--server", daemon.address], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: daemon.inflight() == 1, 20, "the task to run")
+        call.send_signal(signal.SIGINT)
+        out, err = call.communicate(timeout=60)
+    finally:
+        if call.poll() is None:
+            call.kill()
+    assert call.returncode == 130, err
+    assert "cancelling the task" in err and "cancelled: " in err
+    assert '"cleaned":true' in out
+    wait_until(lambda: daemon.inflight() == 0, 10, "nothing in flight")
