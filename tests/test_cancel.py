@@ -175,3 +175,28 @@ def test_ctrl_c_in_greentask_call_cancels_the_task_and_prints_its_partial_result
     assert "cancelling the task" in err and "cancelled: " in err
     assert '"cleaned":true' in out
     wait_until(lambda: daemon.inflight() == 0, 10, "nothing in flight")
+
+
+def test_a_browser_cancels_its_task_and_gets_a_cancelled_event(daemon, make_gateway):
+    import json
+    ws = make_gateway(daemon, expose="sleep, cleans_up").connect()
+    ws.send(json.dumps({"function": "cleans_up", "args": [60], "id": "abc"}))
+    wait_until(lambda: daemon.inflight() == 1, 20, "the task to run")
+    ws.send(json.dumps({"cancel": "abc"}))
+    event = json.loads(ws.recv())
+    assert event["id"] == "abc" and event["event"] == "cancelled"
+    assert event["result"]["cleaned"] is True
+    ws.send(json.dumps({"cancel": "unknown"}))  # nothing to cancel: no answer
+    ws.send(json.dumps({"function": "sleep", "args": [0], "id": "next"}))
+    assert json.loads(ws.recv())["id"] == "next"
+
+
+def test_a_closed_browser_socket_cancels_its_tasks_when_the_gateway_says_so(daemon,
+                                                                            make_gateway):
+    import json
+    ws = make_gateway(daemon, cancel_on_disconnect="true").connect()
+    ws.send(json.dumps({"function": "sleep", "args": [60], "id": 1}))
+    wait_until(lambda: daemon.inflight() == 1, 20, "the task to run")
+    ws.close()
+    wait_until(lambda: daemon.inflight() == 0, 20, "the task to be cancelled")
+    assert status_counts(daemon) == (0, 1)

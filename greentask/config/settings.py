@@ -193,6 +193,9 @@ SETTINGS: tuple[Setting, ...] = (
             "closes the socket with 1009 before it is buffered."),
     Setting("gateway", "max_inflight_per_socket", "16", to_positive_int,
             "Tasks one socket may have running; more get an Overloaded error event."),
+    Setting("gateway", "cancel_on_disconnect", "false", to_bool,
+            "Cancel a browser's running tasks when its socket closes; otherwise they "
+            "finish and their results are dropped."),
     Setting("gateway", "max_inflight", "256", to_positive_int,
             "Tasks one gateway process may have running over all its sockets; more get an "
             "Overloaded error event. Keep it under the task servers' concurrency, so "

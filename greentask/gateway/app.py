@@ -34,9 +34,9 @@ import gevent.pool
 import ujson
 from gevent.lock import BoundedSemaphore
 
-from greentask.client import TaskClient
+from greentask.client import TaskClient, TaskHandle
 from greentask.config import Config, check_gateway_tls, load
-from greentask.errors import ConfigError, GreentaskError, RemoteError
+from greentask.errors import Cancelled, ConfigError, GreentaskError, RemoteError
 from greentask.gateway import geventwebsocket_fixes, metrics
 from greentask.gateway.admission import SocketAdmission, load_authorize
 from greentask.gateway.upstream import task_client
@@ -141,8 +141,7 @@ class Gateway:
 
     def serve_socket(self, socket: Any) -> None:
         """Read messages until the browser leaves; each runs in its own greenlet."""
-        socket_permits = BoundedSemaphore(self.settings.max_inflight_per_socket)
-        running = gevent.pool.Group()
+        tasks = SocketTasks(self.settings.max_inflight_per_socket)
         self.sockets.add(socket)
         metrics.SOCKETS_OPENED.inc()
         metrics.SOCKETS_OPEN.inc()
@@ -150,10 +149,13 @@ class Gateway:
             self._watcher = gevent.spawn(self._close_sockets_on_stop, socket.handler.server)
             gevent.spawn(self._flush_metrics_forever)
         try:
-            self._read_messages(socket, socket_permits, running)
+            self._read_messages(socket, tasks)
         finally:
             self.sockets.discard(socket)
             metrics.SOCKETS_OPEN.dec()
+            if self.settings.cancel_on_disconnect:
+                for handle in list(tasks.handles.values()):
+                    handle.cancel()
 
     @staticmethod
     def _flush_metrics_forever() -> None:
@@ -171,8 +173,8 @@ class Gateway:
             socket.close(geventwebsocket_fixes.CLOSE_GOING_AWAY, "server is stopping")
         metrics.TALLY.flush()
 
-    def _read_messages(self, socket: Any, socket_permits: BoundedSemaphore,
-                       running: gevent.pool.Group) -> None:
+    def _read_messages(self, socket: Any, tasks: SocketTasks) -> None:
+        socket_permits = tasks.permits
         while True:
             message: Any = _IDLE
             with gevent.Timeout(self.settings.idle_timeout, False):
@@ -181,6 +183,12 @@ class Gateway:
                 socket.close(geventwebsocket_fixes.CLOSE_NORMAL, "idle timeout")
             if message is _IDLE or message is None:
                 break
+            cancelled = _cancel_id(message)
+            if cancelled is not _NOT_A_CANCEL:
+                handle = tasks.handles.get(cancelled)
+                if handle is not None:
+                    handle.cancel()  # its "cancelled" event ends the task's own greenlet
+                continue
             if not socket_permits.acquire(blocking=False):
                 self._send(socket, error_event(
                     _message_id(message), "Overloaded",
@@ -193,11 +201,10 @@ class Gateway:
                     _message_id(message), "Overloaded",
                     "the gateway is running as many tasks as it may; try again in a moment"))
                 continue
-            running.spawn(self._run_message, socket, message, socket_permits)
+            tasks.running.spawn(self._run_message, socket, message, tasks)
         # Results still coming for this socket are dropped (and counted) in _send.
 
-    def _run_message(self, socket: Any, message: str | bytes,
-                     socket_permits: BoundedSemaphore) -> None:
+    def _run_message(self, socket: Any, message: str | bytes, tasks: SocketTasks) -> None:
         try:
             if isinstance(message, bytes):
                 message = message.decode("utf-8", "replace")
@@ -210,12 +217,12 @@ class Gateway:
                 self._send(socket, error_event(None, "BadRequest", f"not valid JSON ({exc}); "
                                                'send {"function": ..., "args": ..., "id": ...}'))
                 return
-            self._run_request(socket, request)
+            self._run_request(socket, request, tasks)
         finally:
             self.process_permits.release()
-            socket_permits.release()
+            tasks.permits.release()
 
-    def _run_request(self, socket: Any, request: dict[str, Any]) -> None:
+    def _run_request(self, socket: Any, request: dict[str, Any], tasks: SocketTasks) -> None:
         request_id = request.get("id")
         function, args = request.get("function"), request.get("args")
         if not isinstance(function, str) or function not in self.settings.expose:
@@ -235,11 +242,21 @@ class Gateway:
 
         def relay(value: Any) -> None:
             self._send(socket, {"id": request_id, "event": "progress", "progress": value})
+        handle = self.client.apply(function, args, on_progress=relay)
+        if request_id is not None:
+            tasks.handles[request_id] = handle
         try:
-            result = self.client.apply(function, args, on_progress=relay).get()
+            result = handle.get()
+        except Cancelled as exc:
+            self._send(socket, {"id": request_id, "event": "cancelled", "message": exc.message,
+                                "result": exc.result})
+            return
         except GreentaskError as exc:
             self._send(socket, error_event(request_id, *self._describe(exc, socket, function)))
             return
+        finally:
+            if tasks.handles.get(request_id) is handle:
+                del tasks.handles[request_id]
         self._send(socket, {"id": request_id, "event": "complete", "message": "task complete",
                             "result": result})
 
@@ -267,7 +284,7 @@ class Gateway:
     def _send(self, socket: Any, event: dict[str, Any]) -> None:
         kind = event["event"]
         if kind != "progress":
-            metrics.TALLY.messages[kind if kind == "complete" else event["error"]["type"]] += 1
+            metrics.TALLY.messages[kind if kind != "error" else event["error"]["type"]] += 1
         self._send_text(socket, ujson.dumps(event, ensure_ascii=False))
 
     def _send_text(self, socket: Any, text: str) -> None:
@@ -278,6 +295,34 @@ class Gateway:
             socket.send(text)
         except Exception:  # the browser went away mid-send: drop, count, go on
             metrics.TALLY.dropped += 1
+
+
+class SocketTasks:
+    """One browser socket's tasks: the permits they hold, their greenlets, and their
+    handles by the browser's id (for a cancel message)."""
+
+    def __init__(self, limit: int) -> None:
+        self.permits = BoundedSemaphore(limit)
+        self.running = gevent.pool.Group()
+        self.handles: dict[Any, TaskHandle] = {}
+
+
+#: What :func:`_cancel_id` returns for a message that is not a cancel.
+_NOT_A_CANCEL = object()
+
+
+def _cancel_id(message: str | bytes) -> Any:
+    """The id of a ``{"cancel": ID}`` message, else :data:`_NOT_A_CANCEL`."""
+    text = message.decode("utf-8", "replace") if isinstance(message, bytes) else message
+    if '"cancel"' not in text[:32]:
+        return _NOT_A_CANCEL  # most messages: no parse
+    try:
+        obj = ujson.loads(text)
+    except ValueError:
+        return _NOT_A_CANCEL
+    if isinstance(obj, dict) and obj.keys() == {"cancel"}:
+        return obj["cancel"]
+    return _NOT_A_CANCEL
 
 
 def _peer(socket: Any) -> str:
