@@ -56,7 +56,7 @@ def test_demo_page_runs_send_bulk_to_completion(make_daemon, make_gateway, brows
         count.send_keys("200")
         browser.find_element(By.ID, "bulk").click()
         row = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#tasks .task"))
-        wait.until(lambda d: row.find_element(By.TAG_NAME, "span").text == "task complete")
+        wait.until(lambda d: row.find_element(By.TAG_NAME, "span").text == "sent 200 of 200")
         bar = row.find_element(By.TAG_NAME, "progress")
         assert float(bar.get_attribute("value")) == float(bar.get_attribute("max"))
         ARTIFACTS.mkdir(exist_ok=True)
@@ -64,3 +64,48 @@ def test_demo_page_runs_send_bulk_to_completion(make_daemon, make_gateway, brows
         assert (ARTIFACTS / "gateway-send_bulk.png").stat().st_size > 1000
     finally:
         smtp.stop()
+
+
+def test_the_cancel_button_stops_a_send_bulk_and_the_page_says_how_far_it_got(
+        make_daemon, make_gateway, browser):
+    from .smtp_sink import Inbox
+    inbox = Inbox(delay=0.02)  # slow enough that 1,000 messages take a while
+    smtp = Controller(inbox, hostname="127.0.0.1", port=free_port())
+    smtp.start()
+    try:
+        daemon = make_daemon(smtp={"port": smtp.port, "max_parallel": 4})
+        gateway = make_gateway(daemon)
+        browser.get(f"http://127.0.0.1:{gateway.port}/")
+        wait = WebDriverWait(browser, 30)
+        wait.until(lambda d: d.find_element(By.ID, "state").text == "connected")
+        count = browser.find_element(By.ID, "count")
+        count.clear()
+        count.send_keys("1000")
+        browser.find_element(By.ID, "bulk").click()
+        row = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#tasks .task"))
+        wait.until(lambda d: " / 1000" in row.find_element(By.TAG_NAME, "span").text)
+        row.find_element(By.CSS_SELECTOR, "button.cancel").click()
+        wait.until(lambda d: row.find_element(By.TAG_NAME, "span").text.startswith(
+            "cancelled after "))
+        text = row.find_element(By.TAG_NAME, "span").text
+        assert text == f"cancelled after {len(inbox.recipients())} of 1000", text
+        assert not row.find_elements(By.CSS_SELECTOR, "button.cancel")  # gone once final
+        ARTIFACTS.mkdir(exist_ok=True)
+        browser.save_screenshot(str(ARTIFACTS / "gateway-cancel.png"))
+    finally:
+        smtp.stop()
+
+
+def test_a_task_error_is_shown_as_an_error(make_daemon, make_gateway, browser):
+    daemon = make_daemon(smtp={"port": free_port()})  # no SMTP server there
+    gateway = make_gateway(daemon)
+    browser.get(f"http://127.0.0.1:{gateway.port}/")
+    wait = WebDriverWait(browser, 30)
+    wait.until(lambda d: d.find_element(By.ID, "state").text == "connected")
+    browser.find_element(By.ID, "bulk").click()
+    row = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#tasks .task"))
+    span = wait.until(lambda d: row.find_element(By.CSS_SELECTOR, "span.error"))
+    assert span.text == "the task failed (TaskError)"  # no operator advice in the page
+    assert "176, 0, 32" in span.value_of_css_property("color")
+    ARTIFACTS.mkdir(exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / "gateway-error.png"))
