@@ -131,12 +131,29 @@ def _describe(function: Callable[..., Any], name: str) -> str:
     return f"{name}{bare}"
 
 
+#: Called first by :func:`progress` (set by the worker's task runner): yields to
+#: the event loop, then raises ``Cancelled`` in a task its caller cancelled, so
+#: ``progress()`` is a cancel point even in a loop that never yields otherwise.
+_cancel_point: Callable[[], None] | None = None
+
+
+def set_cancel_point(check: Callable[[], None] | None) -> None:
+    """Make ``check`` the cancel point :func:`progress` calls (the task runner's)."""
+    global _cancel_point
+    _cancel_point = check
+
+
 def progress(value: Any) -> None:
     """Send ``value`` (any JSON) as a progress line of the running task.
 
     Works in the task's greenlet and in greenlets it spawns. A no-op when the
-    request did not ask for progress, or outside a task.
+    request did not ask for progress, or outside a task. In a worker it is a
+    cooperative point: it yields to the event loop (so the line goes out and
+    the process stays responsive), and in a cancelled task it raises
+    ``greentask.Cancelled``.
     """
+    if _cancel_point is not None:
+        _cancel_point()
     sink = _progress_sink.get() or _spawner_sink()
     if sink is not None:
         sink(value)

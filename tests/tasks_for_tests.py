@@ -98,3 +98,12 @@ def returns_when_cancelled(seconds: float) -> str:
     except Cancelled:
         return "stopped early"
     return "done"
+
+
+@task
+def busy_with_progress(steps: int) -> int:
+    """Computes between progress() calls without any other switch."""
+    for step in range(steps):
+        sum(range(20_000))
+        progress({"step": step})
+    return steps

@@ -200,3 +200,12 @@ def test_a_closed_browser_socket_cancels_its_tasks_when_the_gateway_says_so(daem
     ws.close()
     wait_until(lambda: daemon.inflight() == 0, 20, "the task to be cancelled")
     assert status_counts(daemon) == (0, 1)
+
+
+def test_progress_is_a_cancel_point_in_a_loop_that_never_yields(daemon, connect):
+    conn = connect(daemon.port)
+    conn.send_json({"function": "busy_with_progress", "args": [10 ** 7], "id": 1})
+    wait_until(lambda: daemon.inflight() == 1, 20, "the task to run")
+    conn.send_json({"cancel": 1})
+    assert conn.read_json()["error"]["type"] == "Cancelled"
+    assert status_counts(daemon) == (0, 1)

@@ -40,7 +40,7 @@ from gevent.lock import Semaphore
 from greentask.daemon import scoreboard
 from greentask.errors import Cancelled, RemoteError, TaskError, TaskTimeout
 from greentask.protocol import Request, encode_error, encode_progress, encode_result
-from greentask.registry import Registry, call_task, progress_sink
+from greentask.registry import Registry, call_task, progress_sink, set_cancel_point
 
 log = logging.getLogger("greentask.worker")
 
@@ -147,8 +147,10 @@ class TaskRunner:
         #: Every task in flight, by the greenlet it runs in.
         self.running: dict[greenlet.greenlet, RunningTask] = {}
         self.sweep = DeadlineSweep()
-        #: The greenlets of the tasks told to stop.
+        #: The greenlets of the tasks told to stop, and of those already told.
         self.cancelling: set[greenlet.greenlet] = set()
+        self._told: set[greenlet.greenlet] = set()
+        set_cancel_point(self._cancel_point)
         self._idle = Event()
         self._idle.set()
         self._idle_greenlets: list[greenlet.greenlet] = []
@@ -245,8 +247,23 @@ class TaskRunner:
 
     def _interrupt(self, task_greenlet: greenlet.greenlet, entry: RunningTask,
                    exc: BaseException) -> None:
-        if self.running.get(task_greenlet) is entry:
-            task_greenlet.throw(exc)
+        if self.running.get(task_greenlet) is not entry:
+            return  # finished meanwhile (and may run another task now)
+        if isinstance(exc, Cancelled):
+            if task_greenlet in self._told:
+                return  # progress() told it first: once is enough, it is cleaning up
+            self._told.add(task_greenlet)
+        task_greenlet.throw(exc)
+
+    def _cancel_point(self) -> None:
+        # A switch first: a task that only computes between progress() calls
+        # still lets its progress lines go out, its cancel line be read and
+        # the heartbeat beat; a Cancelled thrown meanwhile is raised here.
+        gevent.sleep(0)
+        current = greenlet.getcurrent()
+        if current in self.cancelling and current not in self._told:
+            self._told.add(current)
+            raise Cancelled("the task was cancelled by its caller")
 
     def _interrupt_late(self, task_greenlet: greenlet.greenlet, entry: RunningTask) -> None:
         if self.running.get(task_greenlet) is entry:
@@ -279,6 +296,7 @@ class TaskRunner:
         finally:
             del running[current]
             self.cancelling.discard(current)
+            self._told.discard(current)
             slot.set(scoreboard.INFLIGHT, len(running))
             self.permits.release()
             if not running:
