@@ -107,3 +107,13 @@ def busy_with_progress(steps: int) -> int:
         sum(range(20_000))
         progress({"step": step})
     return steps
+
+
+@task
+def outlives_its_timeout(seconds: float) -> str:
+    """Swallows the server's timeout and sleeps on: only a cancel ends it."""
+    try:
+        time.sleep(seconds)
+    except BaseException:  # on purpose: a task that ignores its deadline
+        time.sleep(seconds)
+    return "late"

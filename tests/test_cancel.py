@@ -209,3 +209,11 @@ def test_progress_is_a_cancel_point_in_a_loop_that_never_yields(daemon, connect)
     conn.send_json({"cancel": 1})
     assert conn.read_json()["error"]["type"] == "Cancelled"
     assert status_counts(daemon) == (0, 1)
+
+
+def test_a_call_that_times_out_on_the_client_cancels_the_task_on_the_server(daemon):
+    from greentask import TaskClient, TaskTimeout
+    with TaskClient([daemon.address]) as client:
+        with pytest.raises(TaskTimeout, match="no reply to task 'outlives_its_timeout'"):
+            client.call("outlives_its_timeout", 60, timeout=0.5)
+    wait_until(lambda: status_counts(daemon) == (0, 1), 20, "the task to be cancelled")
