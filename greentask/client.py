@@ -229,26 +229,30 @@ class _Connection:
             self._pending[request_id] = handle
             try:
                 self._sendall(line)
-                handle._send_cancel = functools.partial(self._cancel, request_id)
-                if handle.cancelled:  # cancelled while it was being sent
-                    self._sendall(encode_cancel(request_id))
-                return
             except OSError as exc:
                 del self._pending[request_id]
                 # Dead, though the reader may not have seen it yet: send no more here.
                 self.draining = True
                 failure = str(exc)
+            else:
+                handle._send_cancel = functools.partial(self._cancel, request_id)
+                if handle.cancelled:  # cancelled while it was being sent
+                    self._cancel_locked(request_id)
+                return
         self._reader_done.wait(SEND_FAILURE_GRACE)
         raise _SendFailed(self.closed_because or failure)
 
     def _cancel(self, request_id: int) -> None:
         with self._lock:
-            if not self.alive or request_id not in self._pending:
-                return  # answered already, or lost with the connection
-            try:
-                self._sendall(encode_cancel(request_id))
-            except OSError:
-                pass  # the reader sees the connection die and gives the request back
+            self._cancel_locked(request_id)
+
+    def _cancel_locked(self, request_id: int) -> None:
+        if not self.alive or request_id not in self._pending:
+            return  # answered already, or lost with the connection
+        try:
+            self._sendall(encode_cancel(request_id))
+        except OSError:
+            pass  # the reader sees the connection die and gives the request back
 
     def close(self) -> None:
         """Close; the reader fails whatever is still pending."""
