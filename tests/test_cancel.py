@@ -161,9 +161,13 @@ def test_ctrl_c_in_greentask_call_cancels_the_task_and_prints_its_partial_result
     from pathlib import Path
 
     from .conftest import ROOT
+    # SIGINT at its default, as in a terminal: a process started in the
+    # background of a shell without job control inherits it ignored, and
+    # Python then never raises KeyboardInterrupt.
     call = subprocess.Popen([str(Path(sys.executable).with_name("greentask")), "call",
                              "cleans_up", "[60]", "--server", daemon.address], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         wait_until(lambda: daemon.inflight() == 1, 20, "the task to run")
         call.send_signal(signal.SIGINT)
