@@ -54,13 +54,15 @@ def test_bench_gateway_mode_prints_a_row_per_worker_count():
 
 
 def test_profile_prints_the_heaviest_frames_of_a_loaded_worker():
-    result = subprocess.run([sys.executable, "scripts/profile", "--seconds", "1", "--top", "5"],
+    result = subprocess.run([sys.executable, "scripts/profile", "--seconds", "1", "--top", "10"],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert '"errors": 0' in result.stdout
     sections = result.stdout.split("\ninclusive")
     assert "self (" in sections[0] and len(sections) == 2
-    assert "greentask/daemon/server.py" in sections[1]  # the worker's own frames were sampled
+    # The worker's own frames were sampled (which of its modules leads depends on
+    # how much CPU the machine leaves it: a run beside heavy load missed server.py).
+    assert "greentask/daemon/" in sections[1]
 
 
 def test_bench_tls_mode_compares_tls_with_plain_text():
