@@ -42,20 +42,25 @@ def browser(tmp_path):
             service.process.kill()
 
 
+def start_send_bulk(browser, gateway, recipients: int):
+    """Open the demo page, run send_bulk for ``recipients``; the wait and the task's row."""
+    browser.get(f"http://127.0.0.1:{gateway.port}/")
+    wait = WebDriverWait(browser, 30)
+    wait.until(lambda d: d.find_element(By.ID, "state").text == "connected")
+    count = browser.find_element(By.ID, "count")
+    count.clear()
+    count.send_keys(str(recipients))
+    browser.find_element(By.ID, "bulk").click()
+    return wait, wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#tasks .task"))
+
+
 def test_demo_page_runs_send_bulk_to_completion(make_daemon, make_gateway, browser):
     smtp = Controller(Sink(), hostname="127.0.0.1", port=free_port())
     smtp.start()
     try:
         daemon = make_daemon(smtp={"port": smtp.port})
         gateway = make_gateway(daemon)
-        browser.get(f"http://127.0.0.1:{gateway.port}/")
-        wait = WebDriverWait(browser, 30)
-        wait.until(lambda d: d.find_element(By.ID, "state").text == "connected")
-        count = browser.find_element(By.ID, "count")
-        count.clear()
-        count.send_keys("200")
-        browser.find_element(By.ID, "bulk").click()
-        row = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#tasks .task"))
+        wait, row = start_send_bulk(browser, gateway, 200)
         wait.until(lambda d: row.find_element(By.TAG_NAME, "span").text == "sent 200 of 200")
         bar = row.find_element(By.TAG_NAME, "progress")
         assert float(bar.get_attribute("value")) == float(bar.get_attribute("max"))
@@ -75,14 +80,7 @@ def test_the_cancel_button_stops_a_send_bulk_and_the_page_says_how_far_it_got(
     try:
         daemon = make_daemon(smtp={"port": smtp.port, "max_parallel": 4})
         gateway = make_gateway(daemon)
-        browser.get(f"http://127.0.0.1:{gateway.port}/")
-        wait = WebDriverWait(browser, 30)
-        wait.until(lambda d: d.find_element(By.ID, "state").text == "connected")
-        count = browser.find_element(By.ID, "count")
-        count.clear()
-        count.send_keys("1000")
-        browser.find_element(By.ID, "bulk").click()
-        row = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#tasks .task"))
+        wait, row = start_send_bulk(browser, gateway, 1000)
         wait.until(lambda d: " / 1000" in row.find_element(By.TAG_NAME, "span").text)
         row.find_element(By.CSS_SELECTOR, "button.cancel").click()
         wait.until(lambda d: row.find_element(By.TAG_NAME, "span").text.startswith(
@@ -99,11 +97,7 @@ def test_the_cancel_button_stops_a_send_bulk_and_the_page_says_how_far_it_got(
 def test_a_task_error_is_shown_as_an_error(make_daemon, make_gateway, browser):
     daemon = make_daemon(smtp={"port": free_port()})  # no SMTP server there
     gateway = make_gateway(daemon)
-    browser.get(f"http://127.0.0.1:{gateway.port}/")
-    wait = WebDriverWait(browser, 30)
-    wait.until(lambda d: d.find_element(By.ID, "state").text == "connected")
-    browser.find_element(By.ID, "bulk").click()
-    row = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#tasks .task"))
+    wait, row = start_send_bulk(browser, gateway, 200)
     span = wait.until(lambda d: row.find_element(By.CSS_SELECTOR, "span.error"))
     assert span.text == "the task failed (TaskError)"  # no operator advice in the page
     assert "176, 0, 32" in span.value_of_css_property("color")
