@@ -12,7 +12,8 @@ def requirements() -> list[str]:
     return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
 
 
-TEST_CORE = ["pytest>=8", "pytest-timeout>=2.3", "websocket-client>=1.7", "aiosmtpd>=1.4"]
+TEST_CORE = ["pytest>=8", "pytest-timeout>=2.3", "websocket-client>=1.7", "aiosmtpd>=1.4",
+             "trustme>=1.1", "uvloop>=0.19"]
 
 setup(
     name="greentask",
@@ -29,7 +30,8 @@ setup(
         # What the daemon, client and gateway tests need (CI runs them on
         # every supported Python), and the whole suite's tools on top.
         "test-core": TEST_CORE,
-        "test": [*TEST_CORE, "hypothesis>=6.100", "trustme>=1.1",
+        "test": [*TEST_CORE, "hypothesis>=6.100", "fastapi>=0.110", "uvicorn>=0.29",
+                 "httpx>=0.27",
                  "ruff>=0.6", "selenium>=4.20", "dockerfile-parse>=2.0", "pyyaml>=6",
                  "py-spy>=0.3", "import-linter>=2.1"],
     },

@@ -301,3 +301,20 @@ def make_gateway(tmp_path):
     yield make
     for gateway in started:
         gateway.stop()
+
+
+def write_version_module(directory, version: int) -> None:
+    (directory / "versioned_tasks.py").write_text(
+        "from greentask import task\n\n\n"
+        f"@task\ndef version():\n    return {version}\n")
+
+
+@pytest.fixture
+def versioned(tmp_path, make_daemon):
+    """A daemon serving a task module that the test can rewrite."""
+    modules = tmp_path / "modules"
+    modules.mkdir()
+    write_version_module(modules, 1)
+    daemon = make_daemon(tasks="greentask.examples.basic, versioned_tasks",
+                         env={"PYTHONPATH": str(modules)})
+    return daemon, modules

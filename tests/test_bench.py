@@ -80,6 +80,23 @@ def test_bench_tls_mode_compares_tls_with_plain_text():
         assert cells[7].strip() == "0"  # errors
 
 
+def test_bench_client_mode_measures_each_python_client():
+    result = subprocess.run(
+        [sys.executable, "scripts/bench", "--client", "aio", "--seconds", "0.3", "--runs", "1",
+         "--concurrency", "1,16"], cwd=ROOT, capture_output=True, text=True, timeout=150)
+    assert result.returncode == 0, result.stderr
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines()
+            if line.startswith("| echo from one client process")]
+    assert [cells[1].strip() for cells in rows] == [
+        "TaskClient, greenlets", "AsyncTaskClient, uvloop", "AsyncTaskClient, asyncio",
+        "TaskClient, threads"] * 2
+    assert [cells[0].strip() for cells in rows[::4]] == [
+        "echo from one client process, 1 callers", "echo from one client process, 16 callers"]
+    for cells in rows:
+        assert int(cells[2].replace(",", "")) > 0  # calls/s
+        assert cells[7].strip() == "0"  # errors
+
+
 def test_cpu_per_request_prints_cpu_and_calls_for_this_checkout():
     result = subprocess.run(
         [sys.executable, "scripts/cpu_per_request", "--connections", "4", "--rounds", "5",

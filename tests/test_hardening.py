@@ -135,8 +135,8 @@ def test_idle_pipelining_client_is_asked_to_close_and_reconnects(make_daemon):
     daemon = make_daemon(idle_timeout=0.5)
     with TaskClient([daemon.address], connections_per_server=1) as client:
         assert client.call("echo", 1) == [1]
-        first = client._connections[0]
-        wait_until(lambda: not first.alive, 5, "the idle connection to close")
+        first = client._pool.connections[0]
+        wait_until(lambda: not first.calls.alive, 5, "the idle connection to close")
         assert client.call("echo", 2) == [2]
     assert "Traceback" not in daemon.log()
 

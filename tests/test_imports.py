@@ -39,6 +39,10 @@ def test_the_package_keeps_every_contract():
     ("daemon/server.py", "from greentask.client import TaskClient",
      "The daemon uses the core, never the client or the gateway"),
     ("protocol.py", "import gevent", "never import gevent"),
+    # The clients' core is below both clients, which do not import each other.
+    ("calls.py", "from greentask.client import TaskClient", "Three wings over one core"),
+    ("aio.py", "from greentask.client import TaskClient", "Three wings over one core"),
+    ("examples/fastapi_app.py", "import gevent", "The example FastAPI app is a caller"),
     # A deferred import makes a cycle too.
     ("daemon/writer.py", "def _later():\n    from greentask.daemon import connection",
      "No import cycles"),

@@ -11,26 +11,9 @@ import pytest
 
 from greentask import TaskClient, WorkerLost
 
-from .conftest import pid_alive, wait_until
+from .conftest import pid_alive, wait_until, write_version_module
 
 pytestmark = pytest.mark.timeout(90)
-
-
-def write_version_module(directory, version: int) -> None:
-    (directory / "versioned_tasks.py").write_text(
-        "from greentask import task\n\n\n"
-        f"@task\ndef version():\n    return {version}\n")
-
-
-@pytest.fixture
-def versioned(tmp_path, make_daemon):
-    """A daemon serving a task module that the test can rewrite."""
-    modules = tmp_path / "modules"
-    modules.mkdir()
-    write_version_module(modules, 1)
-    daemon = make_daemon(tasks="greentask.examples.basic, versioned_tasks",
-                         env={"PYTHONPATH": str(modules)})
-    return daemon, modules
 
 
 def test_reload_under_load_loses_nothing_and_serves_new_code(versioned):
