@@ -290,6 +290,8 @@ class AsyncTaskClient:
         self._auth_token = auth_token
         self._ssl_context = ssl_context
         self._opening: asyncio.Lock | None = None
+        #: The event loop that first used it: its connections live there.
+        self._loop: asyncio.AbstractEventLoop | None = None
         #: Sends again of given-back requests, kept so they are not collected.
         self._resends: set[asyncio.Task[None]] = set()
 
@@ -329,6 +331,13 @@ class AsyncTaskClient:
                     on_progress: ProgressCallback | None = None,
                     progress: bool = False) -> AsyncTaskHandle:
         """Like :meth:`submit`, with the task's arguments as one list or dict."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            if self._loop is not None and not self._loop.is_closed():
+                raise RuntimeError("this AsyncTaskClient belongs to the event loop that first "
+                                   "used it; make one client per event loop")
+            self._loop = loop
+            self._pool.connections = []  # any left from a closed loop are dead
         handle = make_call(AsyncTaskHandle, function, args,
                            self.timeout if timeout is None else timeout, retry, on_progress,
                            progress)

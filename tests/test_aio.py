@@ -100,6 +100,24 @@ def test_results_and_remote_errors_arrive_as_their_class(daemon, run):
     run(main())
 
 
+def test_a_client_belongs_to_the_loop_that_first_used_it(daemon):
+    client = AsyncTaskClient([daemon.address])  # made before any loop runs, as at import
+
+    async def echo(close: bool = False):
+        try:
+            return await client.call("echo", 1)
+        finally:
+            if close:
+                await client.close()
+
+    with asyncio.Runner() as first:
+        assert first.run(echo()) == [1]
+        with asyncio.Runner() as second, pytest.raises(RuntimeError, match="one client per"):
+            second.run(echo())
+    # Once its loop is closed, a new loop may take it over.
+    assert asyncio.run(echo(close=True)) == [1]
+
+
 def test_ten_thousand_concurrent_calls_from_one_loop(daemon, run):
     async def main():
         async with AsyncTaskClient([daemon.address], timeout=60) as client:
