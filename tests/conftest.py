@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -69,6 +71,18 @@ def port_open(port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+def stop_process(proc: subprocess.Popen, signum: int = signal.SIGTERM, timeout: float = 10,
+                 ) -> None:
+    """Stop ``proc`` with ``signum``, killing it if it has not exited within ``timeout``."""
+    if proc.poll() is None:
+        proc.send_signal(signum)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
 
 
 def write_config(path: Path, worker: dict[str, object] | None = None,
@@ -252,6 +266,8 @@ class Gateway:
         self.port = free_port()
         # Like an operator: the origin its pages are served from.
         settings.setdefault("allowed_origins", f"http://127.0.0.1:{self.port}")
+        # The demo page polls /mailbox: only where a test starts a mail catcher.
+        settings.setdefault("mail_catcher", "none")
         lines = ["[gateway]", f"task_servers = {task_servers}"]
         lines += [f"{key} = {value}" for key, value in settings.items()]
         self.config = tmp_path / f"gateway-{self.port}.ini"
@@ -279,13 +295,7 @@ class Gateway:
         return websocket.create_connection(self.url, timeout=20, **options)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGQUIT)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc, signal.SIGQUIT)
 
 
 @pytest.fixture
@@ -318,3 +328,38 @@ def versioned(tmp_path, make_daemon):
     daemon = make_daemon(tasks="greentask.examples.basic, versioned_tasks",
                          env={"PYTHONPATH": str(modules)})
     return daemon, modules
+
+
+class MailCatcher:
+    """``python -m greentask.examples.mailcatcher`` on free ports, stopped by pid in teardown."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.smtp_port, self.http_port = free_port(), free_port()
+        self.log_path = tmp_path / f"mailcatcher-{self.smtp_port}.log"
+        log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [PYTHON, "-m", "greentask.examples.mailcatcher", "--smtp",
+             f"127.0.0.1:{self.smtp_port}", "--http", f"127.0.0.1:{self.http_port}"],
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        wait_until(lambda: port_open(self.smtp_port) and port_open(self.http_port), 30,
+                   f"the mail catcher\n{self.log_path.read_text()}")
+
+    @property
+    def http_address(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    def messages(self) -> dict:
+        """Its ``GET /messages``."""
+        with urllib.request.urlopen(f"http://{self.http_address}/messages", timeout=10) as r:
+            return json.load(r)
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+
+
+@pytest.fixture
+def mail_catcher(tmp_path):
+    catcher = MailCatcher(tmp_path)
+    yield catcher
+    catcher.stop()

@@ -89,6 +89,8 @@ def test_readme_commands_work_as_written(tmp_path):
            "GREENTASK_WORKER_PROCESSES": "2", "GREENTASK_RUN_DIR": str(tmp_path / "run"),
            "GREENTASK_GATEWAY_TASK_SERVERS": f"127.0.0.1:{port}",
            "GREENTASK_GATEWAY_ALLOWED_ORIGINS": f"http://127.0.0.1:{gateway_port}",
+           "GREENTASK_SMTP_PORT": str(free_port()),
+           "GREENTASK_GATEWAY_MAIL_CATCHER": f"127.0.0.1:{free_port()}",
            "GUNICORN_CMD_ARGS": f"--bind 127.0.0.1:{gateway_port}"}
     log = open(tmp_path / "run.log", "wb")
     run = subprocess.Popen(["scripts/run"], cwd=ROOT, env=env, stdout=log,
@@ -106,7 +108,8 @@ def test_readme_commands_work_as_written(tmp_path):
         assert ws.recv() == "task complete"
         ws.close()
         programs = children_of(run.pid)
-        assert len(programs) == 3  # the task daemon's master, gunicorn's, scripts/on_fatal
+        # The task daemon's master, gunicorn's, the mail catcher, scripts/on_fatal.
+        assert len(programs) == 4
     finally:
         run.send_signal(signal.SIGTERM)
         assert run.wait(60) == 0

@@ -19,7 +19,8 @@ def test_defaults_need_no_file():
     assert config.worker.processes == (os.cpu_count() or 1)
     assert config.worker.max_line == 1024 * 1024
     assert config.worker.tasks == ["greentask.examples.basic", "greentask.examples.mail"]
-    assert config.smtp.port == 25
+    assert config.smtp.port == 2525  # the development mail catcher
+    assert config.gateway.mail_catcher == ("127.0.0.1", 8025)
 
 
 def test_file_then_environment_then_flags(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,15 @@ import websocket
 
 from greentask import TaskClient
 
-from .conftest import ROOT, children_of, free_port, pid_alive, port_open, wait_until
+from .conftest import (
+    ROOT,
+    children_of,
+    free_port,
+    pid_alive,
+    port_open,
+    stop_process,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -30,19 +40,27 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def run_environment(tmp_path: Path, port: int, gateway_port: int) -> dict[str, str]:
+    """scripts/run's environment for a test: its own ports (the mail catcher's too)
+    and run directory."""
+    (tmp_path / "run").mkdir(exist_ok=True)
+    return {**os.environ, "GREENTASK_RUN_DIR": str(tmp_path / "run"),
+            "GREENTASK_WORKER_BIND": f"127.0.0.1:{port}",
+            "GREENTASK_GATEWAY_TASK_SERVERS": f"127.0.0.1:{port}",
+            "GREENTASK_SMTP_PORT": str(free_port()),
+            "GREENTASK_GATEWAY_MAIL_CATCHER": f"127.0.0.1:{free_port()}",
+            "GUNICORN_CMD_ARGS": f"--bind 127.0.0.1:{gateway_port}"}
+
+
 class Supervisord:
     """The shipped conf/supervisord.conf on free ports, stopped by pid in teardown."""
 
     def __init__(self, tmp_path: Path) -> None:
         self.port, self.gateway_port = free_port(), free_port()
-        self.env = {**os.environ, "GREENTASK_RUN_DIR": str(tmp_path / "run"),
-                    "GREENTASK_WORKER_BIND": f"127.0.0.1:{self.port}",
+        self.env = {**run_environment(tmp_path, self.port, self.gateway_port),
                     "GREENTASK_WORKER_PROCESSES": "2",
                     "GREENTASK_WORKER_GRACEFUL_TIMEOUT": "5",
-                    "GREENTASK_GATEWAY_TASK_SERVERS": f"127.0.0.1:{self.port}",
-                    "GREENTASK_GATEWAY_ALLOWED_ORIGINS": f"http://127.0.0.1:{self.gateway_port}",
-                    "GUNICORN_CMD_ARGS": f"--bind 127.0.0.1:{self.gateway_port}"}
-        (tmp_path / "run").mkdir()
+                    "GREENTASK_GATEWAY_ALLOWED_ORIGINS": f"http://127.0.0.1:{self.gateway_port}"}
         self.proc = subprocess.Popen([str(BIN / "supervisord"), "-c", "conf/supervisord.conf"],
                                      cwd=ROOT, env=self.env, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.STDOUT)
@@ -73,11 +91,12 @@ def supervisord(tmp_path):
 
 
 def test_supervisord_runs_reloads_drains_and_shuts_down(supervisord):
-    def both_running() -> bool:
+    def all_running() -> bool:
         states = dict(line.split()[:2] for line in supervisord.ctl("status").stdout.splitlines()
                       if line.strip())
-        return states.get("greentask-worker") == states.get("greentask-gateway") == "RUNNING"
-    wait_until(both_running, 60, "both programs RUNNING")
+        return all(states.get(f"greentask-{name}") == "RUNNING"
+                   for name in ("worker", "gateway", "mail"))
+    wait_until(all_running, 60, "every program RUNNING")
     wait_until(lambda: port_open(supervisord.port) and port_open(supervisord.gateway_port), 30,
                "both ports")
     ws = websocket.create_connection(f"ws://127.0.0.1:{supervisord.gateway_port}/ws",
@@ -85,6 +104,13 @@ def test_supervisord_runs_reloads_drains_and_shuts_down(supervisord):
     ws.send("hello")
     assert ws.recv() == "task complete"
     ws.close()
+    # The seed's scenario, out of the box: the shipped [smtp] is the mail catcher.
+    with TaskClient([f"127.0.0.1:{supervisord.port}"], timeout=20) as client:
+        assert client.call("send_bulk", [f"u{i}@example.org" for i in range(5)], "Hi",
+                           "Hello.")["sent"] == 5
+    with urllib.request.urlopen(f"http://127.0.0.1:{supervisord.gateway_port}/mailbox",
+                                timeout=10) as mailbox:
+        assert json.load(mailbox)["count"] == 5
 
     errors, done = [], []
     stop = threading.Event()
@@ -235,12 +261,7 @@ class HAProxy:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        stop_process(self.proc)
 
 
 def test_haproxy_spreads_calls_and_survives_a_dead_host(make_daemon, tmp_path):
@@ -281,11 +302,8 @@ def test_haproxy_spreads_calls_and_survives_a_dead_host(make_daemon, tmp_path):
 def test_scripts_run_starts_everything_and_its_stop_command_works(tmp_path):
     """What the README tells a new user: scripts/run, a call, then the stop
     command it prints, typed in another shell (without its environment)."""
-    port, gateway_port, run_dir = free_port(), free_port(), tmp_path / "run"
-    env = {**os.environ, "GREENTASK_RUN_DIR": str(run_dir),
-           "GREENTASK_WORKER_BIND": f"127.0.0.1:{port}",
-           "GREENTASK_GATEWAY_TASK_SERVERS": f"127.0.0.1:{port}",
-           "GUNICORN_CMD_ARGS": f"--bind 127.0.0.1:{gateway_port}"}
+    port, gateway_port = free_port(), free_port()
+    env = run_environment(tmp_path, port, gateway_port)
     banner = tmp_path / "banner"
     with open(banner, "wb") as out:
         proc = subprocess.Popen(["scripts/run"], cwd=ROOT, env=env, stdout=out, stderr=out)
@@ -309,14 +327,6 @@ def test_scripts_run_starts_everything_and_its_stop_command_works(tmp_path):
         for pid in pids:
             if pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
-
-
-def run_environment(tmp_path: Path, port: int, gateway_port: int) -> dict[str, str]:
-    """scripts/run's environment for a test: its own ports and run directory."""
-    return {**os.environ, "GREENTASK_RUN_DIR": str(tmp_path / "run"),
-            "GREENTASK_WORKER_BIND": f"127.0.0.1:{port}",
-            "GREENTASK_GATEWAY_TASK_SERVERS": f"127.0.0.1:{port}",
-            "GUNICORN_CMD_ARGS": f"--bind 127.0.0.1:{gateway_port}"}
 
 
 def test_scripts_run_names_the_program_that_holds_its_port(tmp_path):

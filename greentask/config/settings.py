@@ -229,10 +229,15 @@ SETTINGS: tuple[Setting, ...] = (
             "Private key of that client certificate (none: it is in certfile)."),
     Setting("gateway", "call_timeout", "60", to_seconds,
             "How long one task may take before the browser gets a Timeout error event."),
+    Setting("gateway", "mail_catcher", "127.0.0.1:8025", to_optional_address,
+            "HTTP address of the development mail catcher (python -m "
+            "greentask.examples.mailcatcher) whose messages the demo page shows at /mailbox; "
+            "none: no mailbox on the page."),
     Setting("smtp", "host", "127.0.0.1", to_host,
             "SMTP server the mail example tasks send through."),
-    Setting("smtp", "port", "25", to_port,
-            "Port of that SMTP server."),
+    Setting("smtp", "port", "2525", to_port,
+            "Port of that SMTP server: 2525 is the development mail catcher scripts/run "
+            "starts, which keeps what it is sent; a real server listens on 25 or 587."),
     Setting("smtp", "sender", "greentask@localhost", to_text,
             "Envelope and From address of the mail example tasks."),
     Setting("smtp", "max_parallel", "50", to_positive_int,

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import urllib.request
 from collections.abc import Callable, Iterable
 from importlib import resources
 from typing import Any
@@ -47,6 +48,9 @@ log = logging.getLogger("greentask.gateway")
 DEFAULT_CONFIG = "conf/worker.ini"
 #: Seconds /healthz waits for a task server's echo.
 HEALTH_TIMEOUT = 2.0
+#: Seconds /mailbox waits for the mail catcher, and the most of its answer it relays.
+MAILBOX_TIMEOUT = 2.0
+MAILBOX_MAX = 1024 * 1024
 #: How often a worker's gateway checks whether gunicorn is stopping it (seconds).
 STOP_POLL_INTERVAL = 0.5
 #: What a receive that timed out leaves in place of a message.
@@ -86,6 +90,7 @@ class Gateway:
         #: Open sockets of this worker process, told 1001 when it stops.
         self.sockets: set[Any] = set()
         self._watcher: gevent.Greenlet | None = None
+        self._mailbox_down = False
         static = resources.files("greentask.gateway").joinpath("static")
         self.page = static.joinpath("index.html").read_bytes()
         self.icon = static.joinpath("favicon.svg").read_bytes()
@@ -118,6 +123,8 @@ class Gateway:
         if path == "/metrics":
             return self._reply(start_response, "200 OK", metrics.render(),
                                "text/plain; version=0.0.4; charset=utf-8")
+        if path == "/mailbox":
+            return self.mailbox(start_response)
         if path == "/healthz":
             healthy = self.healthy()
             return self._reply(start_response, "200 OK" if healthy else "503 Service Unavailable",
@@ -130,6 +137,29 @@ class Gateway:
         start_response(status, [("Content-Type", content_type),
                                 ("Content-Length", str(len(body)))])
         return [body]
+
+    def mailbox(self, start_response: StartResponse) -> list[bytes]:
+        """The mail catcher's messages, for the demo page (same origin, so no CORS)."""
+        address = self.settings.mail_catcher
+        if address is None:
+            return self._reply(start_response, "404 Not Found",
+                               b'{"error": "no mail catcher here ([gateway] mail_catcher)"}\n',
+                               "application/json")
+        url = f"http://{address[0]}:{address[1]}/messages"
+        try:
+            with urllib.request.urlopen(url, timeout=MAILBOX_TIMEOUT) as response:
+                body = response.read(MAILBOX_MAX)
+        except OSError as exc:
+            if not self._mailbox_down:  # once, not at every poll of every open page
+                log.warning("the mail catcher at %s does not answer: %s", url, exc)
+            self._mailbox_down = True
+            return self._reply(start_response, "502 Bad Gateway",
+                               b'{"error": "the mailbox cannot be read just now"}\n',
+                               "application/json")
+        if self._mailbox_down:
+            log.info("the mail catcher at %s answers again", url)
+        self._mailbox_down = False
+        return self._reply(start_response, "200 OK", body, "application/json")
 
     def healthy(self) -> bool:
         """True when a task server answers ``echo``."""
