@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from aiosmtpd.controller import Controller
@@ -53,22 +56,38 @@ def start_send_bulk(browser, gateway, recipients: int):
     return wait, wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#tasks .task"))
 
 
-def test_demo_page_runs_send_bulk_and_shows_the_messages_arrive(make_daemon, make_gateway,
-                                                                  mail_catcher, browser):
+def outcome(row) -> str:
+    return row.find_element(By.CLASS_NAME, "outcome").text
+
+
+def test_demo_page_sends_1000_e_mails_and_shows_them_arrive(make_daemon, make_gateway,
+                                                            mail_catcher, browser):
     daemon = make_daemon(smtp={"port": mail_catcher.smtp_port})
     gateway = make_gateway(daemon, mail_catcher=mail_catcher.http_address)
-    wait, row = start_send_bulk(browser, gateway, 200)
-    wait.until(lambda d: row.find_element(By.TAG_NAME, "span").text == "sent 200 of 200")
+    wait, row = start_send_bulk(browser, gateway, 1000)
+    wait.until(lambda d: outcome(row) == "sent 1,000 of 1,000")
     bar = row.find_element(By.TAG_NAME, "progress")
-    assert float(bar.get_attribute("value")) == float(bar.get_attribute("max"))
+    assert float(bar.get_attribute("value")) == float(bar.get_attribute("max")) == 1
+    assert row.find_element(By.CLASS_NAME, "badge").text == "done"
+    assert row.find_element(By.CLASS_NAME, "failed-text").text == "0 failed"
+    assert row.find_element(By.CLASS_NAME, "elapsed").text.endswith(" s")
+    assert not row.find_elements(By.CSS_SELECTOR, "button.cancel")  # gone once final
+    assert mail_catcher.messages()["count"] == 1000  # exactly one message each
     # The mailbox panel polls the mail catcher through the gateway.
-    wait.until(lambda d: d.find_element(By.ID, "mail-count").text == "200")
+    wait.until(lambda d: d.find_element(By.ID, "mail-count").text == "1,000")
     recent = browser.find_elements(By.CSS_SELECTOR, "#mail-recent li")
     assert len(recent) == 5 and all(item.text.endswith("@example.org: Hello")
                                     for item in recent)
     ARTIFACTS.mkdir(exist_ok=True)
     browser.save_screenshot(str(ARTIFACTS / "gateway-send_bulk.png"))
     assert (ARTIFACTS / "gateway-send_bulk.png").stat().st_size > 1000
+    # At a phone's width the page fits: nothing scrolls sideways.
+    browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
+        "width": 375, "height": 800, "deviceScaleFactor": 1, "mobile": True})
+    wait.until(lambda d: d.execute_script("return window.innerWidth") == 375)
+    assert browser.execute_script(
+        "return document.documentElement.scrollWidth") <= 375
+    browser.save_screenshot(str(ARTIFACTS / "gateway-phone.png"))
 
 
 def test_the_cancel_button_stops_a_send_bulk_and_the_page_says_how_far_it_got(
@@ -81,12 +100,12 @@ def test_the_cancel_button_stops_a_send_bulk_and_the_page_says_how_far_it_got(
         daemon = make_daemon(smtp={"port": smtp.port, "max_parallel": 4})
         gateway = make_gateway(daemon)
         wait, row = start_send_bulk(browser, gateway, 1000)
-        wait.until(lambda d: " / 1000" in row.find_element(By.TAG_NAME, "span").text)
+        wait.until(lambda d: "of 1,000 done" in row.find_element(
+            By.CLASS_NAME, "progress-text").text)
         row.find_element(By.CSS_SELECTOR, "button.cancel").click()
-        wait.until(lambda d: row.find_element(By.TAG_NAME, "span").text.startswith(
-            "cancelled after "))
-        text = row.find_element(By.TAG_NAME, "span").text
-        assert text == f"cancelled after {len(inbox.recipients())} of 1000", text
+        wait.until(lambda d: outcome(row).startswith("cancelled after "))
+        assert outcome(row) == f"cancelled after {len(inbox.recipients()):,} of 1,000"
+        assert row.find_element(By.CLASS_NAME, "badge").text == "cancelled"
         assert not row.find_elements(By.CSS_SELECTOR, "button.cancel")  # gone once final
         ARTIFACTS.mkdir(exist_ok=True)
         browser.save_screenshot(str(ARTIFACTS / "gateway-cancel.png"))
@@ -94,12 +113,22 @@ def test_the_cancel_button_stops_a_send_bulk_and_the_page_says_how_far_it_got(
         smtp.stop()
 
 
-def test_a_task_error_is_shown_as_an_error(make_daemon, make_gateway, browser):
-    daemon = make_daemon(smtp={"port": free_port()})  # no SMTP server there
-    gateway = make_gateway(daemon)
+def test_with_the_mail_catcher_stopped_the_page_the_cli_and_the_log_say_it_failed(
+        make_daemon, make_gateway, mail_catcher, browser):
+    daemon = make_daemon(smtp={"port": mail_catcher.smtp_port})
+    gateway = make_gateway(daemon, mail_catcher=mail_catcher.http_address)
+    mail_catcher.stop()
     wait, row = start_send_bulk(browser, gateway, 200)
-    span = wait.until(lambda d: row.find_element(By.CSS_SELECTOR, "span.error"))
-    assert span.text == "the task failed (TaskError)"  # no operator advice in the page
-    assert "176, 0, 32" in span.value_of_css_property("color")
+    error = wait.until(lambda d: row.find_element(By.CSS_SELECTOR, ".outcome.error"))
+    assert error.text == "the task failed (TaskError)"  # no operator advice in the page
+    assert "176, 0, 32" in error.value_of_css_property("color")
+    assert row.find_element(By.CLASS_NAME, "badge").text == "failed"
+    wait.until(lambda d: "cannot be read" in d.find_element(By.ID, "mail-state").text)
     ARTIFACTS.mkdir(exist_ok=True)
     browser.save_screenshot(str(ARTIFACTS / "gateway-error.png"))
+    cli = subprocess.run([str(Path(sys.executable).with_name("greentask")), "call", "--server",
+                          daemon.address, "send_bulk", '[["a@example.org"], "Hi", "Hello."]'],
+                         capture_output=True, text=True, timeout=60)
+    assert cli.returncode == 1
+    assert "cannot reach the SMTP server" in cli.stderr
+    assert "WARNING" in daemon.log() and "cannot reach the SMTP server" in daemon.log()

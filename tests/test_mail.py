@@ -43,7 +43,7 @@ def test_send_bulk_delivers_to_1000_users_exactly_once_with_progress(make_daemon
     assert {sender for sender, _, _ in inbox.messages} == {"news@example.org"}
     assert b"Subject: Hello" in inbox.messages[0][2]
     assert len(seen) == 1000
-    assert seen[-1] == {"done": 1000, "total": 1000}
+    assert seen[-1] == {"done": 1000, "total": 1000, "failed": 0}
     assert [p["done"] for p in seen] == list(range(1, 1001))
     assert inbox.sessions <= 2 * 50  # sessions carry many messages each (two processes)
 

@@ -240,7 +240,7 @@ def send_mail(to: str, subject: str = DEFAULT_SUBJECT, body: str | None = None, 
 
 @task
 def send_bulk(recipients: list[str], subject: str, body: str) -> dict[str, Any]:
-    """Send one message to each recipient, concurrently; report ``{"done", "total"}``.
+    """Send one message to each recipient, concurrently; report ``{"done", "total", "failed"}``.
 
     Returns ``{"sent": n, "total": m, "failed": {address: reason}}`` when at
     least one message was sent (a partial failure is a result, with each
@@ -277,7 +277,7 @@ def send_bulk(recipients: list[str], subject: str, body: str) -> dict[str, Any]:
                     if exc.unreachable:
                         done += _fail_rest(pending, failed, exc)
                 done += 1
-                progress({"done": done, "total": total})
+                progress({"done": done, "total": total, "failed": len(failed)})
         finally:
             pool.give_back(session)
 
