@@ -232,6 +232,7 @@ def tasks_total(function: str, outcome: str) -> tuple[str, tuple]:
 
 def test_metrics_agree_with_status_and_survive_a_dead_worker(make_daemon):
     import urllib.error
+    import urllib.request
 
     from greentask import TaskTimeout
 
@@ -254,6 +255,13 @@ def test_metrics_agree_with_status_and_survive_a_dead_worker(make_daemon):
             client.call("sleep", 5, timeout=0.1)
         metrics = scrape(port)
         status = ujson.loads(greentask("status", "-c", str(daemon.config), "--json").stdout)
+        # The same reply over HTTP, beside /metrics, for dashboards on other hosts.
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=10) as reply:
+            assert reply.headers["Content-Type"] == "application/json"
+            served = ujson.loads(reply.read())
+        assert [(w["pid"], w["done"], w["failed"]) for w in served["workers"]] == \
+            [(w["pid"], w["done"], w["failed"]) for w in status["workers"]]
+        assert served["master"]["pid"] == status["master"]["pid"] == daemon.pid
         done = sum(w["done"] for w in status["workers"])
         by_outcome = {outcome: sum(value for (name, labels), value in metrics.items()
                                    if name == "greentask_tasks_total"

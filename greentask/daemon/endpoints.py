@@ -36,7 +36,8 @@ class Endpoints:
     @classmethod
     def open(cls, config: Config, handle_command: Callable[[dict[str, Any]], dict[str, Any]],
              metrics_snapshot: Callable[[], Any]) -> Endpoints:
-        """Write the pidfile, bind the task port, the control socket and metrics.
+        """Write the pidfile, bind the task port, the control socket and metrics
+        (``/metrics``, and ``/status``: the control socket's status reply).
 
         Raises :class:`EndpointError`, with whatever it had opened closed again.
         """
@@ -54,7 +55,8 @@ class Endpoints:
                 # Imported only when used: prometheus_client and what it imports
                 # add about 2 MiB to the master, which every worker would map too.
                 from greentask.daemon.metrics import MetricsServer
-                metrics = MetricsServer(worker.metrics_bind, metrics_snapshot)
+                metrics = MetricsServer(worker.metrics_bind, metrics_snapshot,
+                                        lambda: handle_command({"command": "status"}))
         except (BindError, ControlError, OSError) as exc:
             for server in opened:
                 server.close()

@@ -15,6 +15,7 @@ import socket
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import ujson
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
@@ -75,7 +76,9 @@ class DaemonCollector(Collector):
 class MetricsServer(OneShotServer):
     """``GET /metrics`` in Prometheus's text format, from the master's loop."""
 
-    def __init__(self, address: tuple[str, int], snapshot: Snapshot) -> None:
+    def __init__(self, address: tuple[str, int], snapshot: Snapshot,
+                 status: Callable[[], dict[str, Any]]) -> None:
+        self.status = status
         self.registry = CollectorRegistry()
         self.registry.register(DaemonCollector(snapshot))
         super().__init__(self._bind(address))
@@ -88,13 +91,18 @@ class MetricsServer(OneShotServer):
         return sock
 
     def respond(self, line: bytes) -> bytes:
-        """An HTTP/1.0 response to a request line."""
+        """An HTTP/1.0 response to a request line: GET /metrics, or GET /status (JSON)."""
         parts = line.split()
-        if len(parts) >= 2 and parts[0] == b"GET" and parts[1].split(b"?")[0] == b"/metrics":
+        path = parts[1].split(b"?")[0] if len(parts) >= 2 and parts[0] == b"GET" else b""
+        if path == b"/metrics":
             body = generate_latest(self.registry)
             head = "200 OK", "text/plain; version=0.0.4; charset=utf-8"
+        elif path == b"/status":
+            # What `greentask status --json` prints, for dashboards on other hosts.
+            body = ujson.dumps(self.status()).encode() + b"\n"
+            head = "200 OK", "application/json"
         else:
-            body = b"only GET /metrics is served here\n"
+            body = b"GET /metrics and GET /status are served here\n"
             head = "404 Not Found", "text/plain; charset=utf-8"
         return (f"HTTP/1.0 {head[0]}\r\nContent-Type: {head[1]}\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
