@@ -24,7 +24,7 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["greentask", "greentask.*"]),
     package_data={"greentask": ["py.typed"],
-                  "greentask.gateway": ["static/*.html", "static/*.svg"]},
+                  "greentask.gateway": ["static/*.html", "static/*.svg", "static/uplot/*"]},
     install_requires=requirements(),
     extras_require={
         # What the daemon, client and gateway tests need (CI runs them on

@@ -181,6 +181,13 @@ def to_address_list(text: str) -> list[tuple[str, int]]:
     return [to_address(item) for item in items]
 
 
+def to_optional_address_list(text: str) -> list[tuple[str, int]]:
+    """``none`` (no address), or comma-separated ``HOST:PORT`` addresses."""
+    if text.strip().lower() in ("", "none"):
+        return []
+    return to_address_list(text)
+
+
 def to_name_list(text: str) -> list[str]:
     """Comma-separated task names (may be empty)."""
     return [name.strip() for name in text.split(",") if name.strip()]

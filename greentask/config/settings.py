@@ -28,6 +28,7 @@ from greentask.config.converters import (
     to_name,
     to_name_list,
     to_optional_address,
+    to_optional_address_list,
     to_optional_path,
     to_origin_list,
     to_port,
@@ -229,6 +230,10 @@ SETTINGS: tuple[Setting, ...] = (
             "Private key of that client certificate (none: it is in certfile)."),
     Setting("gateway", "call_timeout", "60", to_seconds,
             "How long one task may take before the browser gets a Timeout error event."),
+    Setting("gateway", "status_servers", "none", to_optional_address_list,
+            "The task daemons' [worker] metrics_bind addresses, HOST:PORT, comma-separated, "
+            "whose GET /status the dashboard at /dashboard shows (none: the dashboard says "
+            "how to turn it on)."),
     Setting("gateway", "mail_catcher", "127.0.0.1:8025", to_optional_address,
             "HTTP address of the development mail catcher (python -m "
             "greentask.examples.mailcatcher) whose messages the demo page shows at /mailbox; "

@@ -124,6 +124,11 @@ class SocketAdmission:
         if why is not None:
             self.refusals.note(peer, why)
             return _STATUS_LINES[403], why.encode() + b"\n"
+        return self.check_caller(environ)
+
+    def check_caller(self, environ: dict[str, Any]) -> Verdict:
+        """The authorize hook alone, for the gateway's own pages (same origin, no Origin)."""
+        peer = str(environ.get("REMOTE_ADDR", "?"))
         try:
             caller = self.authorize(environ)
         except Refuse as refusal:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import urllib.request
 from collections.abc import Callable, Iterable
 from importlib import resources
 from typing import Any
@@ -40,6 +39,7 @@ from greentask.config import Config, check_gateway_tls, load
 from greentask.errors import Cancelled, ConfigError, GreentaskError, RemoteError
 from greentask.gateway import geventwebsocket_fixes, metrics
 from greentask.gateway.admission import SocketAdmission, load_authorize
+from greentask.gateway.panels import Panels
 from greentask.gateway.upstream import task_client
 
 log = logging.getLogger("greentask.gateway")
@@ -48,9 +48,6 @@ log = logging.getLogger("greentask.gateway")
 DEFAULT_CONFIG = "conf/worker.ini"
 #: Seconds /healthz waits for a task server's echo.
 HEALTH_TIMEOUT = 2.0
-#: Seconds /mailbox waits for the mail catcher, and the most of its answer it relays.
-MAILBOX_TIMEOUT = 2.0
-MAILBOX_MAX = 1024 * 1024
 #: How often a worker's gateway checks whether gunicorn is stopping it (seconds).
 STOP_POLL_INTERVAL = 0.5
 #: What a receive that timed out leaves in place of a message.
@@ -90,10 +87,17 @@ class Gateway:
         #: Open sockets of this worker process, told 1001 when it stops.
         self.sockets: set[Any] = set()
         self._watcher: gevent.Greenlet | None = None
-        self._mailbox_down = False
         static = resources.files("greentask.gateway").joinpath("static")
         self.page = static.joinpath("index.html").read_bytes()
+        self.dashboard = static.joinpath("dashboard.html").read_bytes()
         self.icon = static.joinpath("favicon.svg").read_bytes()
+        #: The chart library the dashboard uses, shipped with its license (uplot/).
+        self.assets = {
+            "/static/uplot.js": (static.joinpath("uplot/uPlot.iife.min.js").read_bytes(),
+                                 "text/javascript; charset=utf-8"),
+            "/static/uplot.css": (static.joinpath("uplot/uPlot.min.css").read_bytes(),
+                                  "text/css; charset=utf-8")}
+        self.panels = Panels(self.settings.mail_catcher, self.settings.status_servers)
         self.admission = SocketAdmission(self.settings.allowed_origins,
                                          self.settings.allow_no_origin,
                                          load_authorize(self.settings.authorize))
@@ -124,7 +128,17 @@ class Gateway:
             return self._reply(start_response, "200 OK", metrics.render(),
                                "text/plain; version=0.0.4; charset=utf-8")
         if path == "/mailbox":
-            return self.mailbox(start_response)
+            return self._reply(start_response, *self.panels.mailbox(), "application/json")
+        if path in ("/dashboard", "/dashboard/status"):
+            refusal = self.admission.check_caller(environ)
+            if refusal is not None:
+                return self._reply(start_response, *refusal)
+            if path == "/dashboard":
+                return self._reply(start_response, "200 OK", self.dashboard,
+                                   "text/html; charset=utf-8")
+            return self._reply(start_response, *self.panels.statuses(), "application/json")
+        if path in self.assets:
+            return self._reply(start_response, "200 OK", *self.assets[path])
         if path == "/healthz":
             healthy = self.healthy()
             return self._reply(start_response, "200 OK" if healthy else "503 Service Unavailable",
@@ -137,29 +151,6 @@ class Gateway:
         start_response(status, [("Content-Type", content_type),
                                 ("Content-Length", str(len(body)))])
         return [body]
-
-    def mailbox(self, start_response: StartResponse) -> list[bytes]:
-        """The mail catcher's messages, for the demo page (same origin, so no CORS)."""
-        address = self.settings.mail_catcher
-        if address is None:
-            return self._reply(start_response, "404 Not Found",
-                               b'{"error": "no mail catcher here ([gateway] mail_catcher)"}\n',
-                               "application/json")
-        url = f"http://{address[0]}:{address[1]}/messages"
-        try:
-            with urllib.request.urlopen(url, timeout=MAILBOX_TIMEOUT) as response:
-                body = response.read(MAILBOX_MAX)
-        except OSError as exc:
-            if not self._mailbox_down:  # once, not at every poll of every open page
-                log.warning("the mail catcher at %s does not answer: %s", url, exc)
-            self._mailbox_down = True
-            return self._reply(start_response, "502 Bad Gateway",
-                               b'{"error": "the mailbox cannot be read just now"}\n',
-                               "application/json")
-        if self._mailbox_down:
-            log.info("the mail catcher at %s answers again", url)
-        self._mailbox_down = False
-        return self._reply(start_response, "200 OK", body, "application/json")
 
     def healthy(self) -> bool:
         """True when a task server answers ``echo``."""
