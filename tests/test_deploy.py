@@ -184,6 +184,14 @@ def test_compose_file_runs_a_gateway_against_the_worker_service():
     assert "greentask.ws:app" in gateway["command"]
     assert gateway["environment"]["GREENTASK_GATEWAY_TASK_SERVERS"] == "worker:12345"
     assert "worker" in compose["services"]
+    # The mail tasks and the page's mailbox reach the mail catcher's service.
+    mail = compose["services"]["mail"]
+    assert "greentask.examples.mailcatcher" in mail["command"]
+    smtp_port = mail["command"][mail["command"].index("--smtp") + 1].rsplit(":", 1)[1]
+    assert compose["services"]["worker"]["environment"]["GREENTASK_SMTP_HOST"] == "mail"
+    assert smtp_port == "2525"  # [smtp] port's default
+    http_port = mail["command"][mail["command"].index("--http") + 1].rsplit(":", 1)[1]
+    assert gateway["environment"]["GREENTASK_GATEWAY_MAIL_CATCHER"] == f"mail:{http_port}"
 
 
 def test_the_dockerfile_install_and_start_commands_work_in_a_fresh_venv(tmp_path):

@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--keep", type=int, default=20, help="messages kept to show")
     args = parser.parse_args(argv)
     try:
-        config = load(args.config)
+        # The config is read only for an address the flags do not give.
+        config = None if args.smtp and args.http else load(args.config)
         smtp = parse_address(args.smtp) if args.smtp else (config.smtp.host, config.smtp.port)
         http = parse_address(args.http) if args.http else config.gateway.mail_catcher
     except (ConfigError, ValueError) as exc:
