@@ -350,8 +350,7 @@ class AsyncTaskClient:
 
     async def close(self) -> None:
         """Close every connection; calls still waiting raise :class:`WorkerLost`."""
-        self._pool.closed = True
-        connections, self._pool.connections = self._pool.connections, []
+        connections = self._pool.close()
         for connection in connections:
             connection.close("the client was closed")
         for connection in connections:
@@ -398,9 +397,7 @@ class AsyncTaskClient:
         handle._resolve(error=self._pool.undeliverable(handle, last_error))
 
     async def _connection(self) -> _Connection:
-        connection = self._pool.pick()
-        if connection is not None:
-            return connection
+        """A connection to open, since the pool had none to pick (see :meth:`_send`)."""
         if self._opening is None:
             self._opening = asyncio.Lock()
         if self._opening.locked():

@@ -393,6 +393,12 @@ class ServerPool(Generic[T]):
             return None
         return self.any()
 
+    def close(self) -> list[T]:
+        """Take no more calls; return the open connections, for the transport to close."""
+        self.closed = True
+        connections, self.connections = self.connections, []
+        return connections
+
     def any(self) -> T | None:
         """The next open connection, if there is one."""
         if not self.connections:

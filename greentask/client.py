@@ -269,8 +269,7 @@ class TaskClient:
     def close(self) -> None:
         """Close every connection; calls still waiting raise :class:`WorkerLost`."""
         with self._lock:
-            self._pool.closed = True
-            connections, self._pool.connections = self._pool.connections, []
+            connections = self._pool.close()
         for connection in connections:
             connection.close()
 

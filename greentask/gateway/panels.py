@@ -28,7 +28,8 @@ class Source:
 
     def __init__(self, what: str, address: tuple[str, int], path: str) -> None:
         self.what = what
-        self.url = f"http://{address[0]}:{address[1]}{path}"
+        self.address = f"{address[0]}:{address[1]}"
+        self.url = f"http://{self.address}{path}"
         self.down = False
 
     def fetch(self) -> bytes | None:
@@ -70,7 +71,7 @@ class Panels:
         """Each status server's ``greentask status --json``, fetched at once."""
         def one(source: Source) -> dict[str, Any]:
             body = source.fetch()
-            address = source.url.split("/")[2]
+            address = source.address
             if body is None:
                 return {"address": address, "ok": False,
                         "error": "does not answer (is [worker] metrics_bind set there?)"}
