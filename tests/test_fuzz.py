@@ -15,7 +15,7 @@ pytest.importorskip("atheris", reason="atheris does not install here; hypothesis
 #: Inputs tried per run, and the most seconds it may take: a regression check
 #: that keeps CI within its budget. A longer hunt is run by hand, as in
 #: tests/fuzz/fuzz_protocol.py's docstring.
-RUNS, MAX_SECONDS = 30_000, 15
+RUNS, MAX_SECONDS = 10_000, 6
 
 SEEDS = [b'{"function": "echo", "args": [1, "two", {"3": null}], "id": 7}\n',
          b'{"auth": "token"}\n{"function": "sleep", "args": {"seconds": 0.1}, "progress": true}\n',
