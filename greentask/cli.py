@@ -177,7 +177,7 @@ def control(args: argparse.Namespace) -> int:
         if args.command == "status":
             assert status is not None
             if args.json:
-                print(_dumps({"master": status["master"], "workers": status["workers"]}))
+                print(_dumps({key: value for key, value in status.items() if key != "ok"}))
             else:
                 print(format_status(status))
             return 0

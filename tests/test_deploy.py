@@ -48,6 +48,7 @@ def run_environment(tmp_path: Path, port: int, gateway_port: int) -> dict[str, s
             "GREENTASK_WORKER_BIND": f"127.0.0.1:{port}",
             "GREENTASK_GATEWAY_TASK_SERVERS": f"127.0.0.1:{port}",
             "GREENTASK_SMTP_PORT": str(free_port()),
+            "GREENTASK_WORKER_METRICS_BIND": f"127.0.0.1:{free_port()}",
             "GREENTASK_GATEWAY_MAIL_CATCHER": f"127.0.0.1:{free_port()}",
             "GUNICORN_CMD_ARGS": f"--bind 127.0.0.1:{gateway_port}"}
 
@@ -321,6 +322,14 @@ def test_scripts_run_starts_everything_and_its_stop_command_works(tmp_path):
         call = subprocess.run([str(BIN / "greentask"), "call", "echo", '{"x": 1}'],
                               env=env, cwd=ROOT, capture_output=True, text=True, timeout=30)
         assert call.stdout.strip() == '{"x":1}', call.stderr
+        # The dashboard works out of the box: the gateway reads the daemon's status port.
+        def dashboard() -> list:
+            url = f"http://127.0.0.1:{gateway_port}/dashboard/status"
+            with urllib.request.urlopen(url, timeout=10) as reply:
+                servers = json.loads(reply.read())["servers"]
+            return [s for s in servers if s["ok"] and len(s["status"]["workers"]) >= 1]
+        shown = wait_until(dashboard, 30, "the dashboard to show the task daemon")
+        assert shown[0]["address"] == env["GREENTASK_WORKER_METRICS_BIND"]
         lines = banner.read_text().splitlines()
         stop_command = lines[lines.index("Stop with Ctrl-C, or:") + 1].strip()
         clean_env = {k: v for k, v in os.environ.items() if not k.startswith("GREENTASK_")}

@@ -128,8 +128,15 @@ def test_outcomes_are_counted_once_each_with_their_reply(registry):
         not_json["error"]["message"]
     assert (slot.get(scoreboard.DONE), slot.get(scoreboard.FAILED),
             slot.get(scoreboard.TIMED_OUT)) == (1, 3, 0)
-    assert slot.functions() == {"echo": [1, 0, 0, 0], "fails": [0, 1, 0, 0],
-                                "refuses": [0, 1, 0, 0], "not_json": [0, 1, 0, 0]}
+    assert {name: row[:4] for name, row in slot.functions().items()} == {
+        "echo": [1, 0, 0, 0], "fails": [0, 1, 0, 0], "refuses": [0, 1, 0, 0],
+        "not_json": [0, 1, 0, 0]}
+    # The dashboard's last failures: when, which function, the error's type and message.
+    failures = runner.activity()["failures"]
+    assert [(f["function"], f["error"], f["message"]) for f in failures] == [
+        ("fails", "ValueError", "no such user"), ("refuses", "BadArguments", "wrong shape"),
+        ("not_json", "TaskError", not_json["error"]["message"])]
+    assert all(abs(f["at"] - time.time()) < 60 for f in failures)
 
 
 def test_a_short_limit_has_its_own_timer_and_is_not_swallowed_by_the_task(registry):
@@ -217,3 +224,34 @@ def test_a_drain_that_runs_out_of_time_kills_what_still_runs(registry):
     runner.kill_all()
     green_wait(lambda: owner.finished, 5, "the killed task to finish")
     assert runner.wait_idle(0) and not runner.running
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_the_dashboard_sees_running_tasks_oldest_first_and_cancels_one_by_key(registry, debug):
+    def mails(recipients):
+        progress({"sent": 3, "total": len(recipients), "last": recipients[0]})
+        gevent.sleep(30)
+
+    registry.add(mails, "mails")
+    runner, _ = make_runner(registry, debug=debug)
+    owner = Replies()
+    runner.submit(request("sleep", [30], request_id=1), registry.lookup("sleep"), owner)
+    gevent.sleep(0.01)
+    runner.submit(request("mails", [["ann@example.com"]], request_id=2, progress=True),
+                  registry.lookup("mails"), owner)
+    green_wait(lambda: len(runner.running) == 2 and owner.lines, 5, "both tasks to run")
+    running = runner.activity()["running"]
+    assert [task["function"] for task in running] == ["sleep", "mails"]  # oldest first
+    assert running[0]["age"] > running[1]["age"] > 0
+    # No argument is shown; progress only as numbers, unless debug is on.
+    assert "ann@example.com" not in str(running) or debug
+    assert running[1]["progress"] == ({"sent": 3, "total": 1, "last": "ann@example.com"}
+                                      if debug else {"sent": 3, "total": 1})
+    assert runner.cancel_key((running[1]["key"][0], running[1]["key"][1] + 1)) is False
+    assert runner.cancel_key(tuple(running[1]["key"])) is True
+    green_wait(lambda: any(line.get("id") == 2 and "error" in line for line in owner.lines),
+               5, "the cancelled task's reply")
+    assert owner.final(2)["error"] == {"type": "Cancelled",
+                                       "message": "the task was cancelled from the dashboard"}
+    assert [task["function"] for task in runner.activity()["running"]] == ["sleep"]
+    runner.kill_all()

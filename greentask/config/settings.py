@@ -174,8 +174,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("worker", "group", "", to_gid,
             "Run the workers with this group (default: the user's primary group)."),
     Setting("worker", "metrics_bind", "none", to_optional_address,
-            "Serve Prometheus metrics at http://HOST:PORT/metrics, and greentask status "
-            "--json at /status, from the master (none: off, and tasks are not timed)."),
+            "Serve Prometheus metrics at http://HOST:PORT/metrics, greentask status --json "
+            "at /status and the dashboard's Cancel at POST /cancel (with the task port's "
+            "token), from the master (none: off, and tasks are not timed)."),
     Setting("worker", "loglevel", "info", to_loglevel,
             "Log level of the master and the workers."),
     Setting("worker", "debug", "false", to_bool,

@@ -4,6 +4,10 @@ A child's counters live in its scoreboard slot while it runs. When it exits,
 :meth:`Census.bury` adds them to the totals before the slot is freed, so
 ``status`` and the metrics never go backwards. Both read through
 :func:`fold`, the one place a slot's counters are added up.
+
+What the dashboard adds to ``status`` (the running tasks, the last failures,
+counts and durations by function) comes from the children's activity
+documents (:mod:`greentask.daemon.activity`) and the scoreboard.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from greentask.daemon import scoreboard
+from greentask.daemon.activity import FAILURES_KEPT, RUNNING_SHOWN
 from greentask.daemon.children import WorkerProcess
 
 #: Seconds over which ``status`` measures each child's tasks per second.
@@ -42,16 +47,54 @@ class Census:
         #: Counters of workers that have exited.
         self.totals = [0.0] * len(scoreboard.FIELDS)
         #: Task counts by function of the workers that exited: [ok, failed, timeout,
-        #: cancelled].
+        #: cancelled, *duration buckets].
         self.function_totals: dict[str, list[float]] = {}
         #: Workers replaced, by cause; every cause from 0, so a dashboard sees it at once.
         self.restarts: collections.Counter[str] = collections.Counter(
             dict.fromkeys(RESTART_CAUSES, 0))
+        #: The last failures of workers that exited, newest last.
+        self.failures: collections.deque[dict[str, Any]] = collections.deque(
+            maxlen=FAILURES_KEPT)
 
     def bury(self, worker: WorkerProcess) -> None:
         """Keep an exited child's counters, and free its slot."""
         fold(self.board.slot(worker.slot_index), self.totals, self.function_totals)
+        self.failures.extend(self._failures_of(worker))
         self.board.release(worker.slot_index)
+
+    def _activity_of(self, worker: WorkerProcess) -> dict[str, Any]:
+        # While the child writes, its last document read stands in.
+        document = self.board.activity.read(worker.slot_index)
+        if document is not None:
+            worker.activity = document
+        return worker.activity or {}
+
+    def _failures_of(self, worker: WorkerProcess) -> list[dict[str, Any]]:
+        return [{"pid": worker.pid, **failure}
+                for failure in self._activity_of(worker).get("failures", ())]
+
+    def activity(self, workers: Iterable[WorkerProcess]) -> dict[str, Any]:
+        """The oldest running tasks of all live children, the last failures (of exited
+        children too), and task counts and durations by function, for ``status``."""
+        now = time.monotonic()
+        running, failures = [], list(self.failures)
+        workers = list(workers)
+        for worker in workers:
+            document = self._activity_of(worker)
+            stale = now - document.get("at", now)
+            running.extend({"pid": worker.pid, **task, "age": task["age"] + stale}
+                           for task in document.get("running", ()))
+            failures.extend(self._failures_of(worker))
+        running.sort(key=lambda task: -task["age"])
+        failures.sort(key=lambda failure: -failure["at"])
+        _, _, functions = self.snapshot(workers)
+        outcomes = len(scoreboard.OUTCOMES)
+        return {"running": running[:RUNNING_SHOWN], "failures": failures[:FAILURES_KEPT],
+                "duration_bounds": list(scoreboard.DURATION_BUCKETS),
+                "functions": {name: {**{label: int(count) for label, count in zip(
+                    ("done", "failed", "timed_out", "cancelled"), row, strict=False)},
+                    "durations": [int(count) for count in row[outcomes:]]}
+                    for name, row in sorted(functions.items())}}
 
     def worker_rows(self, workers: Iterable[WorkerProcess]) -> list[dict[str, Any]]:
         """Each live child's state and counters, for ``status``."""
@@ -79,7 +122,7 @@ class Census:
         dashboards and alerts see each task before its first call.
         """
         totals = list(self.totals)
-        functions = {name: [0.0] * len(scoreboard.OUTCOMES) for name in known_functions}
+        functions = {name: [0.0] * scoreboard.FUNCTION_ROW for name in known_functions}
         functions.update((name, list(counts)) for name, counts in self.function_totals.items())
         rows: list[dict[str, object]] = []
         for worker in workers:

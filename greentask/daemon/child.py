@@ -77,5 +77,6 @@ def run_worker(listener: socket.socket, config: Config, master_pid: int, number:
         max_tasks += random.randint(0, config.worker.max_tasks_jitter)
     ProcessServer(gevent_listener, config, default_registry, master_pid,
                   board.slot(slot_index), max_tasks, ssl_context,
-                  spread=AcceptSpread(board, slot_index)).serve_forever()
+                  spread=AcceptSpread(board, slot_index),
+                  activity=board.activity.of(slot_index)).serve_forever()
     return EXIT_OK

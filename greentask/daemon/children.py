@@ -6,6 +6,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from greentask.daemon.lifecycle import EXIT_BOOT_ERROR, check_move
 
@@ -47,6 +48,8 @@ class WorkerProcess:
     retire_cause: str = ""
     #: (time, tasks done) a few seconds ago, for the tasks/s of ``status``.
     rate_sample: tuple[float, float] = (0.0, 0.0)
+    #: Its last activity document (running tasks, failures) read from the board.
+    activity: dict[str, Any] | None = None
 
     @property
     def retired(self) -> bool:

@@ -77,9 +77,9 @@ class ControlServer(OneShotServer):
         sock.listen(16)
         return sock
 
-    def respond(self, line: bytes) -> bytes:
+    def respond(self, request: bytes) -> bytes:
         """Run one command line; the reply line."""
-        return encode_line(self._run(line))
+        return encode_line(self._run(request))
 
     def _run(self, line: bytes) -> dict[str, Any]:
         try:

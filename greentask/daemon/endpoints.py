@@ -55,8 +55,8 @@ class Endpoints:
                 # Imported only when used: prometheus_client and what it imports
                 # add about 2 MiB to the master, which every worker would map too.
                 from greentask.daemon.metrics import MetricsServer
-                metrics = MetricsServer(worker.metrics_bind, metrics_snapshot,
-                                        lambda: handle_command({"command": "status"}))
+                metrics = MetricsServer(worker.metrics_bind, metrics_snapshot, handle_command,
+                                        worker.auth_token_file)
         except (BindError, ControlError, OSError) as exc:
             for server in opened:
                 server.close()

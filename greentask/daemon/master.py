@@ -364,7 +364,7 @@ class Master:
     # -- control channel ---------------------------------------------------
 
     def handle_command(self, command: dict[str, object]) -> dict[str, object]:
-        """Answer a control command: status, reload, stop or scale."""
+        """Answer a control command: status, reload, stop, scale or cancel."""
         name = command["command"]
         if name == "status":
             return self.status()
@@ -376,8 +376,26 @@ class Master:
                                                           self.config.worker.max_processes)
             log.info("scaling to %s", processes_text(processes))
             return {"message": f"scaling to {processes_text(processes)}"}
-        raise ControlError(f"unknown command {name!r}; the commands are status, reload, stop "
-                           "and scale")
+        if name == "cancel":
+            return self.cancel_task(command)
+        raise ControlError(f"unknown command {name!r}; the commands are status, reload, stop, "
+                           "scale and cancel")
+
+    def cancel_task(self, command: dict[str, object]) -> dict[str, object]:
+        """Post a cancel to the worker running a task, named as ``status`` lists it under
+        ``running`` (``pid`` and ``key``); it acts at that worker's next heartbeat."""
+        pid, key = command.get("pid"), command.get("key")
+        if not isinstance(pid, int) or not (
+                isinstance(key, list) and len(key) == 2 and all(isinstance(k, int) for k in key)):
+            raise ControlError('cancel takes {"command": "cancel", "pid": PID, "key": KEY}, '
+                               'both as status lists the task under "running"')
+        worker = self.workers.get(pid)
+        if worker is None:
+            raise ControlError(f"no worker has pid {pid} (it may have exited meanwhile)")
+        self.board.activity.post(worker.slot_index, (key[0], key[1]))
+        log.info("cancel of task %s posted to worker %d", key, pid)
+        return {"message": f"cancel sent to worker {pid}; if the task still runs, it is "
+                           "cancelled within a heartbeat"}
 
     def status(self) -> dict[str, object]:
         """The master's and every child's state and counters."""
@@ -389,7 +407,8 @@ class Master:
                            "stopping": self.stopping,
                            "control_socket": self.endpoints.control.path,
                            "reload": self.last_reload.as_dict()},
-                "workers": self.census.worker_rows(self.workers.values())}
+                "workers": self.census.worker_rows(self.workers.values()),
+                **self.census.activity(self.workers.values())}
 
     def metrics_snapshot(self) -> tuple[list[float], list[dict[str, object]], dict[str, object]]:
         """Totals (exited workers plus live ones), per-worker rows, master facts."""

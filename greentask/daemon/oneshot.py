@@ -2,10 +2,12 @@
 
 The master has no event loop and must never block, so its control socket and
 its metrics endpoint are served the same way: listening socket and clients are
-non-blocking; when a client's first line is in, :meth:`OneShotServer.respond`
-turns it into the reply bytes, which are sent at once, and the connection is
-closed. A client that does not finish its line within :data:`CLIENT_DEADLINE`
-seconds is dropped, so a stuck client cannot hold up supervision.
+non-blocking; when a client's request is in (a line, unless
+:meth:`OneShotServer.request_end` says otherwise), :meth:`OneShotServer.respond`
+turns it into the reply bytes, which are sent at once (each client's send
+buffer holds a whole reply), and the connection is closed. A client that
+does not finish its request within :data:`CLIENT_DEADLINE` seconds is
+dropped, so a stuck client cannot hold up supervision.
 
 Nothing a client does may stop the master: each server holds at most
 :data:`MAX_CLIENTS` clients (more wait in the listen backlog, which the
@@ -26,8 +28,11 @@ log = logging.getLogger("greentask.master")
 
 #: Seconds a client has to send its request line.
 CLIENT_DEADLINE = 2.0
-#: Longest request line accepted.
+#: Longest request accepted.
 MAX_REQUEST = 4096
+#: Send buffer asked for each client, so that one non-blocking send takes a
+#: whole reply (the kernel caps it at net.core.wmem_max, 208 KiB by default).
+SEND_BUFFER = 1024 * 1024
 #: Clients one server holds at once; the next wait in the listen backlog.
 MAX_CLIENTS = 64
 #: How long accepting pauses after the process ran out of descriptors (seconds).
@@ -44,9 +49,15 @@ class OneShotServer:
         #: Accepting resumes at this time (after running out of descriptors).
         self._accept_at = 0.0
 
-    def respond(self, line: bytes) -> bytes:
-        """The reply to a request line (subclasses)."""
+    def respond(self, request: bytes) -> bytes:
+        """The reply to a request (subclasses)."""
         raise NotImplementedError
+
+    def request_end(self, buffer: bytearray) -> int | None:
+        """Where the request in ``buffer`` ends, or None while it is incomplete: after
+        its first line, unless a subclass frames requests otherwise."""
+        end = buffer.find(b"\n")
+        return None if end < 0 else end + 1
 
     def _accepting(self, now: float) -> bool:
         return len(self._clients) < MAX_CLIENTS and now >= self._accept_at
@@ -104,6 +115,8 @@ class OneShotServer:
             sock = type(self.listener)(self.listener.family, self.listener.type,
                                        self.listener.proto, fileno=fd)
             sock.setblocking(False)
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
             self._clients[sock.fileno()] = (sock, bytearray(),
                                             time.monotonic() + CLIENT_DEADLINE)
 
@@ -116,9 +129,10 @@ class OneShotServer:
         except OSError:
             data = b""
         buffer += data
-        if b"\n" not in buffer and data and len(buffer) < MAX_REQUEST:
+        end = self.request_end(buffer)
+        if end is None and data and len(buffer) < MAX_REQUEST:
             return
-        reply = self.respond(bytes(buffer).split(b"\n", 1)[0])
+        reply = self.respond(bytes(buffer[:end]))
         # The reply is small; a client that does not read it loses it.
         with contextlib.suppress(OSError):
             sock.send(reply)

@@ -19,11 +19,16 @@ longer ones are an entry in the :class:`DeadlineSweep`, checked every
 :data:`DEADLINE_SWEEP_INTERVAL`, which saves about a microsecond per task.
 
 Every running task is in :attr:`TaskRunner.running`, by its greenlet, and
-findable by ``(owner, request id)`` with :meth:`TaskRunner.find`.
+findable by ``(owner, request id)`` with :meth:`TaskRunner.find`, or by its
+dashboard key (:mod:`greentask.daemon.activity`) with
+:meth:`TaskRunner.cancel_key`. :meth:`TaskRunner.activity` is what the
+dashboard sees: the oldest running tasks and the last failures.
 """
 
 from __future__ import annotations
 
+import collections
+import heapq
 import logging
 import os
 import time
@@ -38,6 +43,7 @@ from gevent.event import Event
 from gevent.lock import Semaphore
 
 from greentask.daemon import scoreboard
+from greentask.daemon.activity import FAILURES_KEPT, RUNNING_SHOWN, TaskKey
 from greentask.errors import Cancelled, RemoteError, TaskError, TaskTimeout
 from greentask.protocol import Request, encode_error, encode_progress, encode_result
 from greentask.registry import Registry, call_task, progress_sink, set_cancel_point
@@ -119,8 +125,14 @@ class DeadlineSweep:
 
 
 #: One task in flight, by its greenlet in :attr:`TaskRunner.running`: the
-#: connection it answers and its request (a plain tuple: one is made per task).
-RunningTask = tuple[TaskOwner, Request]
+#: connection it answers, its request and when it started (``time.monotonic``;
+#: a plain tuple: one is made per task).
+RunningTask = tuple[TaskOwner, Request, float]
+#: Why a task is stopped, as its Cancelled error says.
+BY_CALLER = "the task was cancelled by its caller"
+BY_OPERATOR = "the task was cancelled from the dashboard"
+#: The longest error message the dashboard's failures list keeps.
+FAILURE_MESSAGE_MAX = 300
 
 
 class TaskRunner:
@@ -147,8 +159,8 @@ class TaskRunner:
         #: Every task in flight, by the greenlet it runs in.
         self.running: dict[greenlet.greenlet, RunningTask] = {}
         self.sweep = DeadlineSweep()
-        #: The greenlets of the tasks told to stop, and of those already told.
-        self.cancelling: set[greenlet.greenlet] = set()
+        #: The greenlets of the tasks told to stop (with why), and of those already told.
+        self.cancelling: dict[greenlet.greenlet, str] = {}
         self._told: set[greenlet.greenlet] = set()
         set_cancel_point(self._cancel_point)
         self._idle = Event()
@@ -157,6 +169,11 @@ class TaskRunner:
         self._busy_greenlets = 0
         self._peak_busy_greenlets = 0
         self._loop = gevent.get_hub().loop
+        #: The last progress value of each running task that reports progress.
+        self.last_progress: dict[greenlet.greenlet, Any] = {}
+        #: The last failures, newest last: (time.time(), function, error type, message).
+        self.failures: collections.deque[tuple[float, str, str, str]] = collections.deque(
+            maxlen=FAILURES_KEPT)
 
     # -- greenlets ---------------------------------------------------------
 
@@ -214,7 +231,7 @@ class TaskRunner:
 
     def find(self, owner: TaskOwner, request_id: Any) -> greenlet.greenlet | None:
         """The greenlet running the task of ``owner`` with ``request_id``, if any."""
-        for task_greenlet, (task_owner, request) in self.running.items():
+        for task_greenlet, (task_owner, request, _) in self.running.items():
             if task_owner is owner and request.id == request_id:
                 return task_greenlet
         return None
@@ -228,20 +245,31 @@ class TaskRunner:
         killed. Either way its final reply is a ``Cancelled`` error.
         """
         task_greenlet = self.find(owner, request_id)
-        if task_greenlet is None or task_greenlet in self.cancelling:
+        return task_greenlet is not None and self._stop(task_greenlet, BY_CALLER)
+
+    def cancel_key(self, key: TaskKey) -> bool:
+        """Cancel the running task with dashboard key ``key``; False when none runs."""
+        for task_greenlet, entry in self.running.items():
+            if (id(task_greenlet), round(entry[2] * 1e6)) == key:
+                log.info("task %r (id %s, from %s) is cancelled from the dashboard",
+                         entry[1].function, _request_id(entry[1]), entry[0].peer)
+                return self._stop(task_greenlet, BY_OPERATOR)
+        return False
+
+    def _stop(self, task_greenlet: greenlet.greenlet, reason: str) -> bool:
+        if task_greenlet in self.cancelling:
             return False
         entry = self.running[task_greenlet]
-        self.cancelling.add(task_greenlet)
+        self.cancelling[task_greenlet] = reason
         # From the hub, as gevent.kill does, and only if the greenlet still
         # runs this task: it may have finished (and taken another) meanwhile.
-        self._loop.run_callback(self._interrupt, task_greenlet, entry,
-                                Cancelled("the task was cancelled by its caller"))
+        self._loop.run_callback(self._interrupt, task_greenlet, entry, Cancelled(reason))
         gevent.spawn_later(self.cancel_grace, self._interrupt_late, task_greenlet, entry)
         return True
 
     def cancel_on_disconnect(self, owner: TaskOwner) -> None:
         """``owner``'s connection ended: cancel its tasks that asked for it."""
-        for task_owner, request in list(self.running.values()):
+        for task_owner, request, _ in list(self.running.values()):
             if task_owner is owner and request.cancel_on_disconnect and request.id is not None:
                 self.cancel(owner, request.id)
 
@@ -263,7 +291,7 @@ class TaskRunner:
         current = greenlet.getcurrent()
         if current in self.cancelling and current not in self._told:
             self._told.add(current)
-            raise Cancelled("the task was cancelled by its caller")
+            raise Cancelled(self.cancelling[current])
 
     def _interrupt_late(self, task_greenlet: greenlet.greenlet, entry: RunningTask) -> None:
         if self.running.get(task_greenlet) is entry:
@@ -281,7 +309,8 @@ class TaskRunner:
     def _run(self, request: Request, function: Callable[..., Any], owner: TaskOwner) -> None:
         current = greenlet.getcurrent()
         running = self.running
-        running[current] = (owner, request)
+        started = time.monotonic()
+        running[current] = (owner, request, started)
         self._idle.clear()
         slot = self.slot
         slot.set(scoreboard.INFLIGHT, len(running))
@@ -289,13 +318,17 @@ class TaskRunner:
             sink = None
             if request.progress:
                 def sink(value: Any) -> None:
+                    self.last_progress[current] = value
                     owner.send(encode_progress(request.id, value))
-            line, outcome = self._execute(request, function, sink, current, owner.peer)
+            line, outcome = self._execute(request, function, sink, current, owner.peer,
+                                          started)
             slot.count_task(request.function, outcome)
             owner.send(line)
         finally:
             del running[current]
-            self.cancelling.discard(current)
+            if request.progress:
+                self.last_progress.pop(current, None)
+            self.cancelling.pop(current, None)
             self._told.discard(current)
             slot.set(scoreboard.INFLIGHT, len(running))
             self.permits.release()
@@ -308,7 +341,7 @@ class TaskRunner:
 
     def _execute(self, request: Request, function: Callable[..., Any],
                  sink: Callable[[Any], None] | None, current: greenlet.greenlet,
-                 peer: str) -> tuple[bytes, int]:
+                 peer: str, started: float) -> tuple[bytes, int]:
         """Run one task within its limit; return its final reply line and its outcome.
 
         Every failure is logged (WARNING, one line, with the traceback when
@@ -317,7 +350,6 @@ class TaskRunner:
         seconds = self.task_timeout
         if request.timeout is not None and request.timeout < seconds:
             seconds = request.timeout
-        started = time.monotonic()
         timer = None
         if seconds < COARSE_TIMEOUT_MIN:
             timer = TimerDeadline(seconds)
@@ -345,13 +377,13 @@ class TaskRunner:
                 f"task {request.function!r} ran longer than {seconds:g} s and was stopped; "
                 "raise the request's timeout or [worker] task_timeout, or make the task "
                 "shorter")
-            _log_failure(request, peer, timeout)
+            self._failed(request, peer, timeout)
             return encode_error(request.id, timeout), scoreboard.TIMED_OUT
         except RemoteError as exc:
-            _log_failure(request, peer, exc)
+            self._failed(request, peer, exc)
             return encode_error(request.id, exc), scoreboard.FAILED
         except (Exception, SystemExit) as exc:
-            _log_failure(request, peer, exc, traceback_of=exc)
+            self._failed(request, peer, exc, traceback_of=exc)
             return encode_error(request.id, self._task_error(exc)), scoreboard.FAILED
         finally:
             if timer is None:
@@ -359,18 +391,18 @@ class TaskRunner:
             else:
                 timer.cancel()
             if self.measure_durations:
-                self.slot.observe(time.monotonic() - started)
+                self.slot.observe(request.function, time.monotonic() - started)
         if current in self.cancelling:
             # Cancelled, it cleaned up and returned: what it returned is what it did.
             return encode_error(request.id, Cancelled(
-                "the task was cancelled by its caller", result=result)), scoreboard.CANCELLED
+                self.cancelling[current], result=result)), scoreboard.CANCELLED
         try:
             return encode_result(request.id, result), scoreboard.DONE
         except (TypeError, OverflowError) as exc:
             error = TaskError(
                 f"task {request.function!r} returned a value that is not JSON ({exc}); "
                 "return dicts, lists, strings, numbers, booleans or None")
-            _log_failure(request, peer, error)
+            self._failed(request, peer, error)
             return encode_error(request.id, error), scoreboard.FAILED
 
     def _task_error(self, exc: BaseException) -> TaskError:
@@ -380,11 +412,51 @@ class TaskRunner:
         return TaskError(message)
 
 
-def _log_failure(request: Request, peer: str, error: BaseException,
-                 traceback_of: BaseException | None = None) -> None:
-    """One WARNING line per failed task: which task, which request, whose, and why."""
-    cause = f"failed: {error}" if traceback_of is None else \
-        f"raised {type(error).__name__}: {error}"
-    log.warning("task %r (id %s, from %s) %s", request.function,
-                "none" if request.id is None else ujson.dumps(request.id), peer, cause,
-                exc_info=traceback_of)
+    def _failed(self, request: Request, peer: str, error: BaseException,
+                traceback_of: BaseException | None = None) -> None:
+        """One WARNING line per failed task (which task, which request, whose, why), and
+        an entry in :attr:`failures`."""
+        cause = f"failed: {error}" if traceback_of is None else \
+            f"raised {type(error).__name__}: {error}"
+        log.warning("task %r (id %s, from %s) %s", request.function, _request_id(request),
+                    peer, cause, exc_info=traceback_of)
+        kind, message = ((error.type, error.message) if isinstance(error, RemoteError)
+                         else (type(error).__name__, str(error)))
+        self.failures.append((time.time(), request.function, kind,
+                              message[:FAILURE_MESSAGE_MAX]))
+
+    # -- what the dashboard sees --------------------------------------------
+
+    def activity(self) -> dict[str, Any]:
+        """The oldest running tasks (function, age, progress, key) and the last failures.
+
+        Never a task's arguments or result; its progress only as numbers,
+        unless ``debug`` is on.
+        """
+        now = time.monotonic()
+        oldest = heapq.nsmallest(RUNNING_SHOWN, self.running.items(), key=lambda item: item[1][2])
+        running = [{"function": request.function, "age": now - started,
+                    "key": [id(task_greenlet), round(started * 1e6)],
+                    "progress": self._shown_progress(task_greenlet),
+                    "cancelling": task_greenlet in self.cancelling}
+                   for task_greenlet, (_, request, started) in oldest]
+        failures = [{"at": at, "function": function, "error": kind, "message": message}
+                    for at, function, kind, message in self.failures]
+        return {"at": now, "running": running, "failures": failures}
+
+    def _shown_progress(self, task_greenlet: greenlet.greenlet) -> Any:
+        value = self.last_progress.get(task_greenlet)
+        if self.debug:
+            return value
+        if isinstance(value, dict):
+            return {key: number for key, number in value.items()
+                    if _is_number(number)} or None
+        return value if _is_number(value) else None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _request_id(request: Request) -> str:
+    return "none" if request.id is None else ujson.dumps(request.id)

@@ -12,7 +12,8 @@ greentask runs on, so no lock is needed on the hot path (a task increments
 Beside each row, a slot has a small table of task counts by function name
 (for the metrics): up to :data:`MAX_FUNCTIONS` names, written once each by
 the child on a function's first use (length byte last, so the master never
-reads half a name), then ``ok``/``failed``/``timeout``/``cancelled`` counts.
+reads half a name), then ``ok``/``failed``/``timeout``/``cancelled`` counts
+and the function's own duration histogram (for latency by function).
 
 Worker states are :class:`~greentask.daemon.lifecycle.WorkerState`; every
 change goes through :meth:`Slot.set_state`, which checks it against the
@@ -26,13 +27,16 @@ import mmap
 import time
 from collections.abc import Collection
 
+from greentask.daemon.activity import ActivityBoard
 from greentask.daemon.lifecycle import STATE_MOVES, WorkerState, check_move
 
 FREE, BOOTING, READY, RECYCLE, DRAINING = WorkerState
 
 #: Upper bounds (seconds) of the task duration histogram's buckets; the last
 #: bucket (above the last bound) is implicit.
-DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0)
+#: Fine below a millisecond: most tasks offloaded to greentask end there.
+DURATION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                    0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 #: The fields of a slot, in order.
 FIELDS = ("pid", "generation", "state", "started_at", "heartbeat", "done", "failed",
@@ -56,6 +60,8 @@ NAME_BYTES = 64
 OTHER_FUNCTION = "(other)"
 #: The outcomes counted per function, in the order of their counts.
 OUTCOMES = (DONE, FAILED, TIMED_OUT, CANCELLED)
+#: Counts per function: one per outcome, then one per duration bucket.
+FUNCTION_ROW = len(OUTCOMES) + len(DURATION_BUCKETS) + 1
 
 
 class Slot:
@@ -95,19 +101,25 @@ class Slot:
         check_move(STATE_MOVES, self.state, state, "a worker")
         self._cells[self._base + STATE] = state
 
-    def observe(self, seconds: float) -> None:
-        """Count one finished task of ``seconds`` in the duration histogram."""
+    def observe(self, function: str, seconds: float) -> None:
+        """Count one finished task of ``function`` that ran ``seconds`` in the duration
+        histograms, the process's and the function's."""
         cells, base = self._cells, self._base
+        bucket = bisect.bisect_left(DURATION_BUCKETS, seconds)
         cells[base + DURATION_SUM] += seconds
-        cells[base + DURATION_BUCKET + bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
+        cells[base + DURATION_BUCKET + bucket] += 1
+        self._counts[self._row(function) + len(OUTCOMES) + bucket] += 1
 
     def count_task(self, function: str, outcome: int) -> None:
         """Count one finished task of ``function``; ``outcome`` is one of OUTCOMES."""
         self._cells[self._base + outcome] += 1
+        self._counts[self._row(function) + outcome - DONE] += 1
+
+    def _row(self, function: str) -> int:
         row = self._rows.get(function)
         if row is None:
             row = self._rows[function] = self._new_row(function)
-        self._counts[row + outcome - DONE] += 1
+        return row
 
     def _new_row(self, function: str) -> int:
         # The table's last entry is OTHER_FUNCTION, for every name past the others.
@@ -120,12 +132,13 @@ class Slot:
         offset = entry * NAME_BYTES
         self._names[offset + 1:offset + 1 + len(encoded)] = encoded
         self._names[offset] = len(encoded)  # last: the master reads names by their length
-        row = entry * len(OUTCOMES)
+        row = entry * FUNCTION_ROW
         self._rows[name] = row
         return row
 
     def functions(self) -> dict[str, list[float]]:
-        """Counts by function name: ``[ok, failed, timeout, cancelled]`` (read by the master)."""
+        """Counts by function name: ``[ok, failed, timeout, cancelled, *duration buckets]``
+        (read by the master)."""
         found: dict[str, list[float]] = {}
         for entry in range(self._name_base, self._name_base + MAX_FUNCTIONS):
             offset = entry * NAME_BYTES
@@ -133,8 +146,8 @@ class Slot:
             if not length:
                 break
             name = bytes(self._names[offset + 1:offset + 1 + length]).decode(errors="replace")
-            row = entry * len(OUTCOMES)
-            found[name] = list(self._counts[row:row + len(OUTCOMES)])
+            row = entry * FUNCTION_ROW
+            found[name] = list(self._counts[row:row + FUNCTION_ROW])
         return found
 
     def clear(self) -> None:
@@ -143,8 +156,8 @@ class Slot:
             self._cells[self._base + field] = 0
         start = self._name_base * NAME_BYTES
         self._names[start:start + MAX_FUNCTIONS * NAME_BYTES] = bytes(MAX_FUNCTIONS * NAME_BYTES)
-        start = self._name_base * len(OUTCOMES)
-        for i in range(start, start + MAX_FUNCTIONS * len(OUTCOMES)):
+        start = self._name_base * FUNCTION_ROW
+        for i in range(start, start + MAX_FUNCTIONS * FUNCTION_ROW):
             self._counts[i] = 0
 
     def beat(self) -> None:
@@ -162,7 +175,7 @@ class Slot:
 def add_function_counts(into: dict[str, list[float]], counts: dict[str, list[float]]) -> None:
     """Add one worker's :meth:`Slot.functions` to running totals ``into``."""
     for name, row in counts.items():
-        total = into.setdefault(name, [0.0] * len(OUTCOMES))
+        total = into.setdefault(name, [0.0] * FUNCTION_ROW)
         for i, count in enumerate(row):
             total[i] += count
 
@@ -176,12 +189,14 @@ class Scoreboard:
         self._cells = memoryview(self._memory).cast("d")
         self._name_memory = mmap.mmap(-1, capacity * MAX_FUNCTIONS * NAME_BYTES)
         self._names = memoryview(self._name_memory)
-        self._count_memory = mmap.mmap(-1, capacity * MAX_FUNCTIONS * len(OUTCOMES) * 8)
+        self._count_memory = mmap.mmap(-1, capacity * MAX_FUNCTIONS * FUNCTION_ROW * 8)
         self._counts = memoryview(self._count_memory).cast("d")
         # One more cell: how many slots have ever been claimed (claims take
         # the lowest free slot), so a scan stops where the used slots end.
         self._used_memory = mmap.mmap(-1, 8)
         self._used = memoryview(self._used_memory).cast("d")
+        #: What each child is doing (running tasks, failures) and its cancel mailbox.
+        self.activity = ActivityBoard(capacity)
 
     def slot(self, index: int) -> Slot:
         """The slot at ``index``."""
@@ -202,6 +217,7 @@ class Scoreboard:
             slot = self.slot(index)
             if slot.state == FREE:
                 slot.clear()
+                self.activity.clear(index)
                 now = time.monotonic()
                 slot.set(GENERATION, generation)
                 slot.set(STARTED_AT, now)

@@ -41,6 +41,7 @@ from gevent.server import StreamServer
 
 from greentask.config import Config
 from greentask.daemon import scoreboard
+from greentask.daemon.activity import ChildActivity
 from greentask.daemon.admission import Admission, ConnectionLimits, PeerOverLimit
 from greentask.daemon.connection import Connection
 from greentask.daemon.lifecycle import WORKER_SIGNALS
@@ -89,7 +90,8 @@ class ProcessServer:
     def __init__(self, listener: socket.socket, config: Config, registry: Registry,
                  master_pid: int, slot: scoreboard.Slot, max_tasks: int = 0,
                  ssl_context: ssl.SSLContext | None = None,
-                 spread: AcceptSpread | None = None) -> None:
+                 spread: AcceptSpread | None = None,
+                 activity: ChildActivity | None = None) -> None:
         self.config = config
         self.master_pid = master_pid
         #: This process's row in the master's scoreboard (state, counters, heartbeat).
@@ -116,6 +118,9 @@ class ProcessServer:
         self._aside = False
         #: Balances connections with the sibling processes (None: alone, or in a test).
         self.spread = spread
+        #: Where the heartbeat publishes the running tasks and failures for the
+        #: dashboard and reads its cancels (None: in a test without a master).
+        self.activity = activity
         self._waiting = poll_original()
         self._waiting.register(listener.fileno(), select.POLLIN)
         #: TLS on the task port (``[worker] certfile``), or None.
@@ -300,6 +305,8 @@ class ProcessServer:
         while True:
             self.slot.beat()
             self.runner.trim_idle()
+            if self.activity is not None:
+                self._trade_activity()
             now = time.monotonic()
             for connection in list(self.connections):
                 connection.check_idle(now, idle_timeout)
@@ -317,6 +324,17 @@ class ProcessServer:
                 self.request_recycle(f"its RSS ({rss >> 20} MiB) is over max_memory_per_child "
                                      f"({max_memory >> 20} MiB)")
             gevent.sleep(interval)
+
+    def _trade_activity(self) -> None:
+        # Never let the dashboard's part stop the heartbeat: the master would
+        # take this worker for hung.
+        try:
+            for key in self.activity.new_cancels():
+                self.runner.cancel_key(key)
+            self.activity.publish(self.runner.activity())
+        except Exception:
+            log.exception("worker %d: cannot publish its activity for the dashboard",
+                          os.getpid())
 
     def request_recycle(self, reason: str) -> None:
         """Ask the master for a replacement; this process serves until it is told to drain."""

@@ -38,7 +38,7 @@ from greentask.client import TaskClient, TaskHandle
 from greentask.config import Config, check_gateway_tls, load
 from greentask.errors import Cancelled, ConfigError, GreentaskError, RemoteError
 from greentask.gateway import geventwebsocket_fixes, metrics
-from greentask.gateway.admission import SocketAdmission, load_authorize
+from greentask.gateway.admission import CALLER_KEY, SocketAdmission, load_authorize
 from greentask.gateway.panels import Panels
 from greentask.gateway.upstream import task_client
 
@@ -50,6 +50,8 @@ DEFAULT_CONFIG = "conf/worker.ini"
 HEALTH_TIMEOUT = 2.0
 #: How often a worker's gateway checks whether gunicorn is stopping it (seconds).
 STOP_POLL_INTERVAL = 0.5
+#: The most of a dashboard cancel's body read (it names one task).
+CANCEL_BODY_MAX = 4096
 #: What a receive that timed out leaves in place of a message.
 _IDLE = object()
 
@@ -97,7 +99,8 @@ class Gateway:
                                  "text/javascript; charset=utf-8"),
             "/static/uplot.css": (static.joinpath("uplot/uPlot.min.css").read_bytes(),
                                   "text/css; charset=utf-8")}
-        self.panels = Panels(self.settings.mail_catcher, self.settings.status_servers)
+        self.panels = Panels(self.settings.mail_catcher, self.settings.status_servers,
+                             self.settings.auth_token_file)
         self.admission = SocketAdmission(self.settings.allowed_origins,
                                          self.settings.allow_no_origin,
                                          load_authorize(self.settings.authorize))
@@ -137,6 +140,8 @@ class Gateway:
                 return self._reply(start_response, "200 OK", self.dashboard,
                                    "text/html; charset=utf-8")
             return self._reply(start_response, *self.panels.statuses(), "application/json")
+        if path == "/dashboard/cancel":
+            return self._cancel(environ, start_response)
         if path in self.assets:
             return self._reply(start_response, "200 OK", *self.assets[path])
         if path == "/healthz":
@@ -144,6 +149,23 @@ class Gateway:
             return self._reply(start_response, "200 OK" if healthy else "503 Service Unavailable",
                                b"ok\n" if healthy else b"no task server answers\n")
         return self._reply(start_response, "404 Not Found", b"not found\n")
+
+    def _cancel(self, environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
+        # A write: the page's origin as well as the caller, so that another
+        # site's page cannot make a visitor's browser cancel tasks.
+        if environ.get("REQUEST_METHOD") != "POST":
+            return self._reply(start_response, "405 Method Not Allowed",
+                               b"POST /dashboard/cancel, from the dashboard\n")
+        refusal = self.admission.check(environ)
+        if refusal is not None:
+            return self._reply(start_response, *refusal)
+        try:
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            length = 0
+        body = environ["wsgi.input"].read(min(length, CANCEL_BODY_MAX))
+        log.info("%s cancels %s from the dashboard", environ.get(CALLER_KEY), body[:200])
+        return self._reply(start_response, *self.panels.cancel(body), "application/json")
 
     @staticmethod
     def _reply(start_response: StartResponse, status: str, body: bytes,
