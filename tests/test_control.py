@@ -8,7 +8,6 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -43,7 +42,7 @@ def test_status_shows_every_worker_and_counters_that_move(daemon):
         with pytest.raises(TaskError):
             client.call("fail")
         busy = client.submit("sleep", 2)
-        time.sleep(0.3)
+        wait_until(lambda: daemon.inflight() == 1, 10, "the sleep to run")
         status = ujson.loads(greentask("status", "-c", str(daemon.config), "--json").stdout)
         assert busy.get() == 2
     workers = status["workers"]

@@ -94,8 +94,10 @@ def test_cpu_hog_in_one_child_does_not_stop_the_other(daemon, connect):
     hogged.send_json({"function": "cpu", "args": [60_000_000], "id": "hog"})
     # Once the hog runs, its process cannot accept: new connections go to the
     # other child. (A connection accepted in the same loop turn as the hog's
-    # request would wait behind it, in the same process.)
-    time.sleep(0.3)
+    # request would wait behind it, in the same process.) Its in-flight count
+    # is written just before the task runs, which then never yields.
+    wait_until(lambda: any(w["pid"] == hog_pid and w["inflight"] == 1
+                           for w in daemon.status()["workers"]), 10, "the hog to run")
     for _ in range(10):
         other = connect(daemon.port, timeout=10)
         reply = other.call({"function": "pid", "id": 1})

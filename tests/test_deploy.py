@@ -278,8 +278,13 @@ def test_haproxy_spreads_calls_and_survives_a_dead_host(make_daemon, tmp_path):
     daemons = [make_daemon() for _ in range(3)]
     proxy = HAProxy(tmp_path, [d.address for d in daemons])
     try:
-        wait_until(lambda: "DOWN" not in proxy.log(), 5, "all hosts up")
-        time.sleep(1.5)  # the first checks pass
+        hosts = {pid: daemon for daemon in daemons for pid in daemon.children()}
+        with TaskClient([f"127.0.0.1:{proxy.port}"], connections_per_server=9,
+                        timeout=30) as probe:
+            def every_host_serves() -> bool:
+                answered = {hosts.get(probe.call("pid")) for _ in range(30)}
+                return "DOWN" not in proxy.log() and len(answered) == len(daemons)
+            wait_until(every_host_serves, 30, "haproxy to send calls to every host")
         victim = daemons[1]
         outcomes = {True: [], False: []}
         served_by = set()
