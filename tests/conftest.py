@@ -87,9 +87,10 @@ def stop_process(proc: subprocess.Popen, signum: int = signal.SIGTERM, timeout: 
 
 def write_config(path: Path, worker: dict[str, object] | None = None,
                  smtp: dict[str, object] | None = None) -> Path:
-    """An INI file with the given [worker] and [smtp] keys."""
+    """An INI file with the given [worker] keys, and [smtp] ones (the mail example's section)."""
     lines = ["[worker]"] + [f"{k} = {v}" for k, v in (worker or {}).items()]
-    lines += ["[smtp]"] + [f"{k} = {v}" for k, v in (smtp or {}).items()]
+    if smtp:
+        lines += ["[smtp]"] + [f"{k} = {v}" for k, v in smtp.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
 

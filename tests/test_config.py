@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 
 import pytest
@@ -10,7 +11,7 @@ import pytest
 from greentask.config import SETTINGS, load, render_markdown, to_address, to_size
 from greentask.errors import ConfigError
 
-from .conftest import PYTHON, ROOT
+from .conftest import PYTHON, ROOT, wait_until
 
 
 def test_defaults_need_no_file():
@@ -19,6 +20,7 @@ def test_defaults_need_no_file():
     assert config.worker.processes == (os.cpu_count() or 1)
     assert config.worker.max_line == 1024 * 1024
     assert config.worker.tasks == ["greentask.examples.basic", "greentask.examples.mail"]
+    import greentask.examples.mail  # noqa: F401 (declares [smtp])
     assert config.smtp.port == 2525  # the development mail catcher
     assert config.gateway.mail_catcher == ("127.0.0.1", 8025)
 
@@ -42,8 +44,6 @@ def test_file_then_environment_then_flags(tmp_path):
     ("[worker]\ndebug = maybe\n", "[worker] debug = 'maybe': expected true or false"),
     ("[worker]\ntasks = my-tasks\n", "'my-tasks' is not a module name"),
     ("[worker]\nmax_line = 1TB\n", "expected a positive size in bytes"),
-    ("[smtp]\nport = 0\n", "[smtp] port = '0': expected a TCP port from 1 to 65535"),
-    ("[workers]\n", "unknown section [workers]; the sections are [worker], [gateway], [smtp]"),
     ("[gateway]\nallowed_origins = example.org\n", "'example.org' is not an origin"),
     ("[gateway]\ntask_servers = \n", "expected one or more HOST:PORT"),
     ("[worker]\nproceses = 2\n", "[worker] proceses: unknown key; the keys of [worker] are"),
@@ -56,6 +56,53 @@ def test_bad_file_names_file_section_key_and_accepted_values(tmp_path, text, exp
         load(str(path), environ={})
     assert expected in str(info.value)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("[smtp]\nport = 0\n", "w.ini: [smtp] port = '0': expected a TCP port from 1 to 65535"),
+    ("[smtp]\nprot = 25\n", "w.ini: [smtp] prot: unknown key; the keys of [smtp] are host, "
+                           "port, sender, max_parallel"),
+    ("[workers]\nprocesses = 2\n", "w.ini: unknown section [workers]; the sections are "
+     "[worker], [gateway], [smtp] (declared by greentask.examples.mail_settings) (a task "
+     "module declares its own, once it is in [worker] tasks)"),
+])
+def test_a_task_modules_section_is_checked_once_the_module_is_imported(tmp_path, text,
+                                                                         expected):
+    import greentask.examples.mail  # noqa: F401 (declares [smtp])
+    path = tmp_path / "w.ini"
+    path.write_text(text)
+    config = load(str(path), environ={})  # not yet: the section may be a task module's
+    with pytest.raises(ConfigError) as info:
+        config.check_sections()
+    assert str(info.value) == f"{tmp_path}/{expected}"
+
+
+def test_a_task_module_declares_its_own_section_read_from_file_and_environment(tmp_path):
+    from greentask.config import Setting, declare_section
+    from greentask.config.converters import to_positive_int, to_text
+    from greentask.config.settings import DECLARED
+
+    path = tmp_path / "w.ini"
+    path.write_text("[billing]\ncurrency = EUR\n")
+    config = load(str(path), environ={"GREENTASK_BILLING_BATCH": "20"})
+    try:
+        assert declare_section("tests.billing", Setting(
+            "billing", "currency", "USD", to_text, "Currency of invoices."), Setting(
+            "billing", "batch", "100", to_positive_int, "Invoices per task.")) == "billing"
+        assert (config.billing.currency, config.billing.batch) == ("EUR", 20)
+        config.check_sections()
+        with pytest.raises(ValueError, match=r"\[worker\] is greentask's own section"):
+            declare_section("tests.billing", Setting("worker", "x", "1", to_text, "."))
+        with pytest.raises(ValueError, match=r"already declared by tests\.billing"):
+            declare_section("tests.other", Setting("billing", "x", "1", to_text, "."))
+        with pytest.raises(ConfigError, match="GREENTASK_BILLING_BACTH: no such setting"):
+            load(str(path), environ={"GREENTASK_BILLING_BACTH": "2"}).check_sections()
+        with pytest.raises(ConfigError, match=r"^environment variable "
+                           r"GREENTASK_BILLING_BATCH='none' \(\[billing\] batch\): "):
+            load(environ={"GREENTASK_BILLING_BATCH": "none"}).billing  # noqa: B018
+    finally:
+        DECLARED.pop("billing", None)
+    assert "billing" not in render_markdown()  # docs/config.md has greentask's own only
 
 
 def test_missing_file(tmp_path):
@@ -87,9 +134,11 @@ def test_shipped_worker_ini_sets_every_key_to_its_default():
     import configparser
     parser = configparser.ConfigParser(interpolation=None)
     parser.read(ROOT / "conf" / "worker.ini")
-    for setting in SETTINGS:
+    from greentask.config.settings import DECLARED
+    from greentask.examples.mail_settings import SECTION
+    for setting in (*SETTINGS, *DECLARED[SECTION][1].values()):
         assert parser.get(setting.section, setting.key) == setting.default, setting.key
-    load(str(ROOT / "conf" / "worker.ini"), environ={})
+    load(str(ROOT / "conf" / "worker.ini"), environ={}).check_sections()
 
 
 def run_worker_cli(*args, env=None):
@@ -112,6 +161,23 @@ def test_bad_config_exits_2_with_one_line(tmp_path):
     assert "[worker] concurrency = 'lots'" in result.stderr
     result = run_worker_cli("-c", "conf/worker.ini", "--processes", "0", "--check")
     assert result.returncode == 2 and "command line: [worker] processes = '0'" in result.stderr
+
+
+def test_a_misspelt_or_wrong_task_section_stops_the_daemon_and_a_reload(tmp_path, make_daemon):
+    path = tmp_path / "w.ini"
+    path.write_text("[worker]\nprocesses = 1\n[smpt]\nport = 2525\n")
+    for flags in (["--check"], []):
+        result = run_worker_cli("-c", str(path), *flags)
+        assert result.returncode == 2, result.stderr
+        assert "unknown section [smpt]; the sections are [worker], [gateway], [smtp]" \
+            in result.stderr
+    daemon = make_daemon(processes=1)
+    children = daemon.children()
+    daemon.config.write_text(daemon.config.read_text() + "[smtp]\nport = 0\n")
+    daemon.signal(signal.SIGHUP)
+    wait_until(lambda: "reload refused" in daemon.log(), 15, "the refusal")
+    assert "[smtp] port = '0': expected a TCP port" in daemon.log()
+    assert daemon.children() == children  # the running generation keeps serving
 
 
 def test_check_reports_a_task_module_that_does_not_import(tmp_path):

@@ -13,8 +13,8 @@ from greentask.config.loading import (
     load,
     set_current,
 )
-from greentask.config.settings import SETTINGS, Setting, render_markdown
+from greentask.config.settings import SETTINGS, Setting, declare_section, render_markdown
 
 __all__ = ["SETTINGS", "Config", "Setting", "check_gateway_tls", "check_worker_tls",
-           "control_socket_path", "current", "load", "render_markdown", "set_current",
-           "to_address", "to_size"]
+           "control_socket_path", "current", "declare_section", "load", "render_markdown",
+           "set_current", "to_address", "to_size"]

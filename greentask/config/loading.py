@@ -3,6 +3,13 @@
 ``GREENTASK_<SECTION>_<KEY>`` environment variables override the file. Every
 error names where the text came from (file, ``environment``, ``command
 line``), the section, the key, the value and what is accepted.
+
+greentask's own sections are converted at load. Any other section, and any
+variable that names no setting of greentask's, is kept as text: it may
+belong to a task module (:func:`~greentask.config.settings.declare_section`),
+which is imported later. ``config.SECTION`` converts a declared section on
+first use; :meth:`Config.check_sections`, run by the daemon once the task
+modules are imported, converts them all and refuses what nobody declared.
 """
 
 from __future__ import annotations
@@ -16,7 +23,14 @@ from typing import Any
 
 from greentask import tls
 from greentask.config.converters import check_private
-from greentask.config.settings import BY_SECTION, ENV_PREFIX, SETTINGS, Setting
+from greentask.config.settings import (
+    BY_SECTION,
+    DECLARED,
+    ENV_PREFIX,
+    SETTINGS,
+    Setting,
+    section_names,
+)
 from greentask.errors import ConfigError
 
 #: The origin of the settings read from GREENTASK_* variables.
@@ -27,6 +41,52 @@ class Config(SimpleNamespace):
     """Loaded settings: ``config.worker.bind``, ``config.smtp.port``; ``.path``: the file."""
 
     path: str | None
+    #: Text of the sections that are not greentask's: section -> key -> (text, origin).
+    other_sections: dict[str, dict[str, tuple[str, str]]]
+    #: GREENTASK_* variables that name no setting of greentask's own.
+    other_environment: dict[str, str]
+
+    def __getattr__(self, name: str) -> Any:
+        # Only for an attribute not set yet: a section a task module declared.
+        if name.startswith("_") or name not in DECLARED:
+            raise AttributeError(f"no section [{name}] was declared; the sections are "
+                                 f"{section_names()}")
+        section = self._convert_declared(name)
+        setattr(self, name, section)
+        return section
+
+    def _convert_declared(self, name: str) -> SimpleNamespace:
+        _, settings = DECLARED[name]
+        values = {key: (setting.default, "defaults") for key, setting in settings.items()}
+        for key, (text, origin) in self.other_sections.get(name, {}).items():
+            if key not in settings:
+                raise ConfigError(f"{origin}: [{name}] {key}: unknown key; the keys of "
+                                  f"[{name}] are {', '.join(settings)}")
+            values[key] = (text, origin)
+        for key, setting in settings.items():
+            if setting.env_var in self.other_environment:
+                values[key] = (self.other_environment[setting.env_var], ENVIRONMENT)
+        return SimpleNamespace(**{key: _convert(settings[key], text, origin)
+                                  for key, (text, origin) in values.items()})
+
+    def check_sections(self) -> None:
+        """Convert every declared section, and refuse a section or a GREENTASK_* variable
+        that no one declared (once the task modules are imported). Raises ConfigError."""
+        for name in DECLARED:
+            getattr(self, name)
+        for name, keys in self.other_sections.items():
+            if name not in DECLARED:
+                origin = next(iter(keys.values()), ("", self.path or "the config"))[1]
+                raise ConfigError(f"{origin}: unknown section [{name}]; the sections are "
+                                  f"{section_names()} (a task module declares its own, "
+                                  "once it is in [worker] tasks)")
+        variables = {setting.env_var for _, settings in DECLARED.values()
+                     for setting in settings.values()}
+        for variable in self.other_environment:
+            if variable not in variables and any(variable.startswith(
+                    f"{ENV_PREFIX}{name.upper()}_") for name in DECLARED):
+                raise ConfigError(f"environment: {variable}: no such setting; the variables "
+                                  f"are {', '.join(sorted(variables))}")
 
 
 def _convert(setting: Setting, text: str, origin: str) -> Any:
@@ -54,9 +114,9 @@ def _read_file(path: str) -> dict[str, dict[str, str]]:
     values: dict[str, dict[str, str]] = {}
     for section in parser.sections():
         known = BY_SECTION.get(section)
-        if known is None:
-            raise ConfigError(f"{path}: unknown section [{section}]; the sections are "
-                              f"{', '.join(f'[{name}]' for name in BY_SECTION)}")
+        if known is None:  # a task module's, or nobody's: Config.check_sections says
+            values[section] = dict(parser.items(section))
+            continue
         for key, text in parser.items(section):
             if key not in known:
                 raise ConfigError(f"{path}: [{section}] {key}: unknown key; the keys of "
@@ -65,8 +125,11 @@ def _read_file(path: str) -> dict[str, dict[str, str]]:
     return values
 
 
-def _read_environment(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
+def _read_environment(environ: Mapping[str, str]
+                      ) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
+    """greentask's settings from the environment, and the other GREENTASK_* variables."""
     values: dict[str, dict[str, str]] = {}
+    others: dict[str, str] = {}
     by_env = {setting.env_var: setting for setting in SETTINGS}
     for name, text in environ.items():
         setting = by_env.get(name)
@@ -75,7 +138,9 @@ def _read_environment(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
         elif any(name.startswith(f"{ENV_PREFIX}{section.upper()}_") for section in BY_SECTION):
             raise ConfigError(f"environment: {name}: no such setting; the variables are "
                               f"{', '.join(sorted(by_env))}")
-    return values
+        elif name.startswith(ENV_PREFIX):
+            others[name] = text
+    return values, others
 
 
 def load(path: str | None = None, environ: Mapping[str, str] | None = None,
@@ -90,9 +155,16 @@ def load(path: str | None = None, environ: Mapping[str, str] | None = None,
     for setting in SETTINGS:
         defaults.setdefault(setting.section, {})[setting.key] = setting.default
     layers = [("defaults", defaults)]
+    other_sections: dict[str, dict[str, tuple[str, str]]] = {}
     if path is not None:
-        layers.append((path, _read_file(path)))
-    layers.append((ENVIRONMENT, _read_environment(os.environ if environ is None else environ)))
+        values = _read_file(path)
+        for section in [name for name in values if name not in BY_SECTION]:
+            other_sections[section] = {key: (text, path)
+                                       for key, text in values.pop(section).items()}
+        layers.append((path, values))
+    from_environment, other_environment = _read_environment(
+        os.environ if environ is None else environ)
+    layers.append((ENVIRONMENT, from_environment))
     if overrides:
         flags: dict[str, dict[str, str]] = {}
         for (section, key), text in overrides.items():
@@ -109,7 +181,8 @@ def load(path: str | None = None, environ: Mapping[str, str] | None = None,
         raise ConfigError(f"[worker] processes = {worker.processes} is more than [worker] "
                           f"max_processes = {worker.max_processes}: lower processes, or raise "
                           "max_processes if this machine can run that many")
-    return Config(path=path, **sections)
+    return Config(path=path, other_sections=other_sections,
+                  other_environment=other_environment, **sections)
 
 
 def check_worker_tls(config: Config) -> None:

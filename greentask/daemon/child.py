@@ -17,6 +17,7 @@ from greentask.config import Config, set_current
 from greentask.daemon.lifecycle import EXIT_BOOT_ERROR, EXIT_OK, set_process_title
 from greentask.daemon.scoreboard import Scoreboard
 from greentask.daemon.taskcode import TaskModuleError, import_task_modules
+from greentask.errors import ConfigError
 
 log = logging.getLogger("greentask.worker")
 
@@ -66,7 +67,8 @@ def run_worker(listener: socket.socket, config: Config, master_pid: int, number:
         return EXIT_BOOT_ERROR
     try:
         import_task_modules(config.worker.tasks)  # nothing to do once the master imported them
-    except TaskModuleError as exc:
+        config.check_sections()  # the sections they declare (the master checked, if it imported)
+    except (TaskModuleError, ConfigError) as exc:
         log.error("worker %d %s", os.getpid(), exc, exc_info=exc.__cause__)
         return EXIT_BOOT_ERROR
     # Wrap the master's listener afresh so its watchers belong to this

@@ -49,6 +49,11 @@ def check(config: Config) -> int:
     except TaskModuleError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BOOT_ERROR
+    try:
+        config.check_sections()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     print(f"config OK: {config.path or '(defaults)'}; tasks: "
           f"{', '.join(default_registry.names())}")
     return EXIT_OK

@@ -56,6 +56,7 @@ from greentask.daemon.preload import prepare_master
 from greentask.daemon.reload import Reloader, ReloadInFlight, ReloadOutcome, ReloadRefused
 from greentask.daemon.taskcode import TaskCode, TaskModuleError
 from greentask.daemon.wakeup import SignalQueue
+from greentask.errors import ConfigError
 from greentask.registry import default_registry
 
 log = logging.getLogger("greentask.master")
@@ -136,6 +137,10 @@ class Master:
             # system's, so it never has a gevent hub (see prepare_master).
             prepare_master(self.config.worker.preload)
             self.reloader.load(self.config, self.config)
+        except ConfigError as exc:
+            log.error("%s", exc)
+            self.endpoints.close()
+            return EXIT_CONFIG
         except TaskModuleError as exc:
             log.error("%s; the workers could not start", exc, exc_info=exc.__cause__)
             self.endpoints.close()

@@ -93,8 +93,9 @@ class Reloader:
         """Make ``config`` current and import the task code it names; return what it replaced.
 
         Without ``preload_tasks`` the code is forgotten (each child imports
-        its own). On failure ``running`` stays current and TaskModuleError
-        propagates.
+        its own, and checks the sections its modules declare). On failure
+        ``running`` stays current and TaskModuleError, or ConfigError for a
+        task module's section, propagates.
         """
         set_current(config)
         try:
@@ -103,6 +104,13 @@ class Reloader:
         except TaskModuleError:
             set_current(running)
             raise
+        if config.worker.preload_tasks:
+            try:
+                config.check_sections()
+            except ConfigError:
+                self.task_code.restore(saved)
+                set_current(running)
+                raise
         freeze_for_fork()
         return saved
 
@@ -119,6 +127,9 @@ class Reloader:
             raise ReloadRefused(f"the config does not load: {exc}") from None
         try:
             saved_code = self.load(config, running)
+        except ConfigError as exc:
+            log.error("SIGHUP: reload refused, the running workers keep serving: %s", exc)
+            raise ReloadRefused(f"the config does not load: {exc}") from None
         except TaskModuleError as exc:
             log.error("SIGHUP: reload failed, generation %d keeps serving: %s. Fix the "
                       "[worker] tasks modules, then reload again", generation, exc,

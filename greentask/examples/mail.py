@@ -35,6 +35,7 @@ from gevent.lock import BoundedSemaphore
 
 from greentask.config import current
 from greentask.errors import BadArguments, Cancelled
+from greentask.examples import mail_settings  # noqa: F401 (declares [smtp], read below)
 from greentask.registry import progress, task
 
 #: Seconds an SMTP connect or command may take.

@@ -38,6 +38,7 @@ from aiosmtpd.controller import Controller
 from greentask.address import parse_address
 from greentask.config import load
 from greentask.errors import ConfigError
+from greentask.examples import mail_settings  # noqa: F401 (declares [smtp], read below)
 
 
 class Mailbox:
