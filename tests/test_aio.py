@@ -294,29 +294,35 @@ def test_the_loop_is_never_blocked_while_1000_calls_run(daemon, run):
     # What is measured is the client, not a full collection of pytest's own
     # heap (a server freezes its start-up heap the same way: gc.freeze()).
     gc.freeze()
-    async def ticker(stop, lateness):
+    async def ticker(stop, lateness, blocked):
         while not stop.is_set():
-            started, waited = time.monotonic(), runqueue_wait()
+            started, waited, worked = time.monotonic(), runqueue_wait(), time.thread_time()
             await asyncio.sleep(0.01)
             # Late by what the loop itself spent, not by waiting for a CPU
-            # beside other processes.
-            lateness.append(time.monotonic() - started - 0.01 - (runqueue_wait() - waited))
+            # beside other processes; and of that, the time it did not run
+            # at all (a blocking call), which a busy machine cannot stretch.
+            late = time.monotonic() - started - 0.01 - (runqueue_wait() - waited)
+            lateness.append(late)
+            blocked.append(late - (time.thread_time() - worked))
 
     async def main():
-        stop, lateness = asyncio.Event(), []
+        stop, lateness, blocked = asyncio.Event(), [], []
         async with AsyncTaskClient([daemon.address], timeout=60) as client:
             await client.call("echo", "warm")
-            tick = asyncio.create_task(ticker(stop, lateness))
+            tick = asyncio.create_task(ticker(stop, lateness, blocked))
             for _ in range(3):
                 calls = [client.call("echo", "x" * 1000, i) for i in range(1000)]
                 calls += [client.call("sleep", 0.05) for _ in range(10)]
                 await asyncio.gather(*calls)
             stop.set()
             await tick
-        return lateness
+        return lateness, blocked
     try:
-        lateness = run(main())
+        lateness, blocked = run(main())
     finally:
         gc.unfreeze()
     assert len(lateness) >= 5
-    assert max(lateness) < 0.05, sorted(lateness)[-5:]
+    assert max(blocked) < 0.05, sorted(blocked)[-5:]  # never waiting on a blocking call
+    # and never a long stretch of work in one turn (one outlier allowed: a
+    # loaded machine slows the work itself, which no counter subtracts).
+    assert sorted(lateness)[-2] < 0.05, sorted(lateness)[-5:]
