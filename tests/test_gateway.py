@@ -328,17 +328,6 @@ def test_malformed_key_is_400(daemon, make_gateway):
     assert b"Sec-WebSocket-Key" in response.read()
 
 
-def test_unmask_matches_the_rfc_byte_by_byte_definition():
-    import random
-
-    from greentask.gateway.geventwebsocket_fixes import unmask
-    rng = random.Random(5)
-    for size in (0, 1, 3, 4, 5, 127, 1000):
-        payload = bytes(rng.randrange(256) for _ in range(size))
-        mask = bytes(rng.randrange(256) for _ in range(4))
-        assert unmask(payload, mask) == bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-
-
 def test_graceful_stop_tells_open_sockets_1001(daemon, make_gateway):
     gateway = make_gateway(daemon)
     ws = gateway.connect()

@@ -32,6 +32,17 @@ def to_positive_int(text: str) -> int:
     return value
 
 
+def to_window_bits(text: str) -> int:
+    """A whole number from 9 to 15 (a deflate window of 2^N bytes)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 9 <= value <= 15:
+        raise ValueError("expected a whole number from 9 to 15")
+    return value
+
+
 def to_count(text: str) -> int:
     """A whole number, 0 or more (0 turns the feature off)."""
     try:

@@ -43,6 +43,7 @@ from greentask.config.converters import (
     to_size_or_off,
     to_text,
     to_uid,
+    to_window_bits,
 )
 from greentask.protocol import DEFAULT_MAX_DEPTH, DEFAULT_MAX_LINE, DEFAULT_MAX_QUEUED
 
@@ -194,8 +195,16 @@ SETTINGS: tuple[Setting, ...] = (
             "Task run for a message that is not JSON (the PHP original's case), with the "
             "text as its argument; it must also be in expose."),
     Setting("gateway", "max_message", "64KiB", to_size,
-            "Longest WebSocket message; a longer one (or a frame that announces more) "
-            "closes the socket with 1009 before it is buffered."),
+            "Longest WebSocket message, after decompression; a longer one closes the "
+            "socket with 1009 as soon as its bytes pass the limit, before more is held."),
+    Setting("gateway", "compression", "true", to_bool,
+            "Accept permessage-deflate (RFC 7692) when the browser offers it: progress "
+            "streams and large results cross the wire compressed."),
+    Setting("gateway", "compression_window_bits", "12", to_window_bits,
+            "The deflate window of the gateway's compressor (and of the browser's, when it "
+            "lets the server choose): 2^N bytes. Each socket that compressed a message "
+            "keeps about 2^(N+3) bytes for it (32 KiB at 12), plus the browser's window "
+            "for inflating (up to 32 KiB)."),
     Setting("gateway", "max_inflight_per_socket", "16", to_positive_int,
             "Tasks one socket may have running; more get an Overloaded error event."),
     Setting("gateway", "cancel_on_disconnect", "false", to_bool,

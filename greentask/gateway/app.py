@@ -3,8 +3,9 @@ greentask.ws:app``.
 
 Theory of operation
 -------------------
-A thin WSGI app. ``GET /ws`` is a WebSocket (gevent-websocket, with the fixes
-of :mod:`greentask.gateway.geventwebsocket_fixes`); each text message is a JSON request
+A thin WSGI app. ``GET /ws`` is a WebSocket (gevent-websocket's handshake,
+:mod:`greentask.gateway.handshake`, then wsproto's frames,
+:mod:`greentask.gateway.frames`); each text message is a JSON request
 ``{"function", "args", "id"}`` and runs in its own greenlet through one
 :class:`~greentask.client.TaskClient` per gunicorn worker process (pooled,
 pipelined connections to ``[gateway] task_servers``). The greenlet relays
@@ -37,7 +38,7 @@ from gevent.lock import BoundedSemaphore
 from greentask.client import TaskClient, TaskHandle
 from greentask.config import Config, check_gateway_tls, load
 from greentask.errors import Cancelled, ConfigError, GreentaskError, RemoteError
-from greentask.gateway import geventwebsocket_fixes, metrics
+from greentask.gateway import frames, handshake, metrics
 from greentask.gateway.admission import CALLER_KEY, SocketAdmission, load_authorize
 from greentask.gateway.panels import Panels
 from greentask.gateway.upstream import task_client
@@ -106,7 +107,9 @@ class Gateway:
                                          load_authorize(self.settings.authorize))
         #: Task permits of this process, over all its sockets.
         self.process_permits = BoundedSemaphore(self.settings.max_inflight)
-        geventwebsocket_fixes.install(self.settings.max_message, self.admission.check)
+        handshake.install(handshake.Policy(
+            self.settings.max_message, self.settings.compression,
+            self.settings.compression_window_bits, self.admission.check))
 
     @property
     def client(self) -> TaskClient:
@@ -213,7 +216,7 @@ class Gateway:
         while not server.closed:
             gevent.sleep(STOP_POLL_INTERVAL)
         for socket in list(self.sockets):
-            socket.close(geventwebsocket_fixes.CLOSE_GOING_AWAY, "server is stopping")
+            socket.close(frames.CLOSE_GOING_AWAY, "server is stopping")
         metrics.TALLY.flush()
 
     def _read_messages(self, socket: Any, tasks: SocketTasks) -> None:
@@ -223,7 +226,7 @@ class Gateway:
             with gevent.Timeout(self.settings.idle_timeout, False):
                 message = socket.receive()
             if message is _IDLE:
-                socket.close(geventwebsocket_fixes.CLOSE_NORMAL, "idle timeout")
+                socket.close(frames.CLOSE_NORMAL, "idle timeout")
             if message is _IDLE or message is None:
                 break
             cancelled = _cancel_id(message)

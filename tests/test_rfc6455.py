@@ -1,0 +1,274 @@
+"""The gateway's /ws against RFC 6455 and RFC 7692, frame by frame, as a client author
+would check it: hand-made frames over a plain socket to a real gunicorn."""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import socket
+import struct
+import time
+import zlib
+from collections.abc import Iterator
+
+import pytest
+
+from .conftest import Daemon, Gateway, wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+TEXT, BINARY, CLOSE, PING, PONG, CONTINUATION = 0x1, 0x2, 0x8, 0x9, 0xA, 0x0
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory) -> Iterator[Daemon]:
+    daemon = Daemon(tmp_path_factory.mktemp("rfc6455"), processes=1).start()
+    yield daemon
+    daemon.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway(daemon, tmp_path_factory) -> Iterator[Gateway]:
+    gateway = Gateway(tmp_path_factory.mktemp("rfc6455-gateway"), daemon.address,
+                      allow_no_origin="true")
+    yield gateway
+    gateway.stop()
+
+
+class Peer:
+    """A WebSocket client made by hand: the handshake, then frames of our choosing."""
+
+    def __init__(self, port: int, extensions: str | None = None) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        key = base64.b64encode(os.urandom(16)).decode()
+        lines = ["GET /ws HTTP/1.1", f"Host: 127.0.0.1:{port}", "Upgrade: websocket",
+                 "Connection: Upgrade", f"Sec-WebSocket-Key: {key}",
+                 "Sec-WebSocket-Version: 13"]
+        if extensions:
+            lines.append(f"Sec-WebSocket-Extensions: {extensions}")
+        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        self.buffer = b""
+        head = self._until(b"\r\n\r\n").decode()
+        assert head.startswith("HTTP/1.1 101"), head
+        self.headers = {name.lower(): value.strip() for name, _, value in
+                        (line.partition(":") for line in head.split("\r\n")[1:])}
+        self.inflater = zlib.decompressobj(-15)
+
+    def _until(self, end: bytes) -> bytes:
+        while end not in self.buffer:
+            data = self.sock.recv(65536)
+            assert data, "the server closed the connection"
+            self.buffer += data
+        head, self.buffer = self.buffer.split(end, 1)
+        return head
+
+    def _exactly(self, count: int) -> bytes:
+        while len(self.buffer) < count:
+            data = self.sock.recv(65536)
+            assert data, "the server closed the connection"
+            self.buffer += data
+        data, self.buffer = self.buffer[:count], self.buffer[count:]
+        return data
+
+    def send(self, opcode: int, payload: bytes, fin: bool = True, rsv1: bool = False) -> None:
+        first = (0x80 if fin else 0) | (0x40 if rsv1 else 0) | opcode
+        length = len(payload)
+        if length < 126:
+            head = struct.pack("!BB", first, 0x80 | length)
+        elif length < 65536:
+            head = struct.pack("!BBH", first, 0x80 | 126, length)
+        else:
+            head = struct.pack("!BBQ", first, 0x80 | 127, length)
+        mask = os.urandom(4)
+        self.sock.sendall(head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+
+    def send_compressed(self, text: str) -> int:
+        compressor = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -15)
+        data = compressor.compress(text.encode()) + compressor.flush(zlib.Z_SYNC_FLUSH)
+        self.send(TEXT, data[:-4], rsv1=True)
+        return len(data) - 4
+
+    def frame(self) -> tuple[bool, bool, int, bytes]:
+        """The next frame: fin, rsv1, opcode, payload."""
+        first, second = self._exactly(2)
+        length = second & 0x7F
+        if length == 126:
+            (length,) = struct.unpack("!H", self._exactly(2))
+        elif length == 127:
+            (length,) = struct.unpack("!Q", self._exactly(8))
+        assert not second & 0x80, "server frames are never masked"
+        return bool(first & 0x80), bool(first & 0x40), first & 0x0F, self._exactly(length)
+
+    def message(self) -> str:
+        fin, rsv1, opcode, payload = self.frame()
+        assert fin and opcode == TEXT, (opcode, payload)
+        if rsv1:
+            payload = self.inflater.decompress(payload + b"\x00\x00\xff\xff")
+        return payload.decode()
+
+    def close_frame(self, within: float = 5.0) -> tuple[int | None, bytes]:
+        """Skip to the server's close frame: (code, reason); code None for an empty one."""
+        self.sock.settimeout(within)
+        while True:
+            _, _, opcode, payload = self.frame()
+            if opcode == CLOSE:
+                if not payload:
+                    return None, b""
+                return struct.unpack("!H", payload[:2])[0], payload[2:]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def close_payload(code: int, reason: bytes = b"") -> bytes:
+    return struct.pack("!H", code) + reason
+
+
+@pytest.fixture
+def peer(gateway) -> Iterator[Peer]:
+    peer = Peer(gateway.port)
+    yield peer
+    peer.close()
+
+
+def test_a_ping_of_126_bytes_is_a_protocol_error_not_a_big_message(peer):
+    peer.send(PING, b"p" * 126)
+    assert peer.close_frame()[0] == 1002  # 5.5: control frames carry at most 125 bytes
+
+
+def test_a_ping_is_answered_with_its_payload_even_inside_a_fragmented_message(peer):
+    peer.send(TEXT, b"hel", fin=False)
+    peer.send(PING, b"are you there")
+    assert peer.frame() == (True, False, PONG, b"are you there")
+    peer.send(CONTINUATION, b"lo")
+    assert peer.message() == "task complete"
+
+
+@pytest.mark.parametrize("code", [1005, 1006, 1015, 1016, 1100, 2000, 999, 5000])
+def test_a_close_code_that_must_never_be_sent_is_a_protocol_error(peer, code):
+    peer.send(CLOSE, close_payload(code))
+    assert peer.close_frame()[0] == 1002  # 7.4.1, 7.4.2
+
+
+@pytest.mark.parametrize("code", [1000, 1001, 1003, 1011, 3000, 4999])
+def test_a_valid_close_code_is_echoed(peer, code):
+    peer.send(CLOSE, close_payload(code, b"bye"))
+    assert peer.close_frame()[0] == code
+
+
+def test_an_empty_close_is_answered_with_an_empty_close(peer):
+    peer.send(CLOSE, b"")
+    assert peer.close_frame() == (None, b"")
+
+
+def test_a_close_of_one_byte_is_a_protocol_error(peer):
+    peer.send(CLOSE, b"\x03")
+    assert peer.close_frame()[0] == 1002  # 5.5.1
+
+
+def test_a_close_reason_that_is_not_utf8_is_1007(peer):
+    peer.send(CLOSE, close_payload(1000, b"\xff\xfe"))
+    assert peer.close_frame()[0] == 1007  # 5.5.1, 8.1
+
+
+def test_invalid_utf8_in_a_first_fragment_fails_at_once(peer):
+    peer.send(TEXT, b"ok so far \xc3\x28", fin=False)  # no FIN: the message is not over
+    started = time.monotonic()
+    assert peer.close_frame(within=3.0)[0] == 1007  # 8.1: fail fast, not when it ends
+    assert time.monotonic() - started < 3.0
+
+
+def test_an_unmasked_frame_and_a_reserved_bit_are_protocol_errors(gateway):
+    for frame in (b"\x81\x05hello", b"\xc1\x85" + b"\x00" * 4 + b"hello"):  # rsv1, no deflate
+        peer = Peer(gateway.port)
+        try:
+            peer.sock.sendall(frame)
+            assert peer.close_frame()[0] == 1002
+        finally:
+            peer.close()
+
+
+def raw_http(port: int, request: str) -> tuple[str, dict[str, str], bytes]:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request.encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = {name.lower(): value.strip() for name, _, value in
+               (line.partition(":") for line in lines[1:])}
+    return lines[0], headers, body
+
+
+def test_handshakes_without_a_version_or_over_http_1_0_are_refused_with_a_reason(gateway):
+    upgrade = "Upgrade: websocket\r\nConnection: Upgrade\r\n" \
+              "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    status, headers, body = raw_http(gateway.port,
+                                     f"GET /ws HTTP/1.1\r\nHost: x\r\n{upgrade}\r\n")
+    assert status == "HTTP/1.1 426 Upgrade Required"
+    assert headers["sec-websocket-version"] == "13"
+    assert b"version 13" in body and int(headers["content-length"]) == len(body)
+    status, headers, body = raw_http(gateway.port, f"GET /ws HTTP/1.0\r\nHost: x\r\n{upgrade}"
+                                                   "Sec-WebSocket-Version: 13\r\n\r\n")
+    assert status.endswith(" 400 Bad Request")
+    assert body == b"a WebSocket handshake needs HTTP/1.1\n"
+    assert "Traceback" not in gateway.log() and "TypeError" not in gateway.log()
+
+
+def test_permessage_deflate_is_negotiated_and_both_directions_compress(gateway):
+    peer = Peer(gateway.port, "permessage-deflate; client_max_window_bits")
+    try:
+        extension = peer.headers["sec-websocket-extensions"]
+        assert extension.startswith("permessage-deflate")
+        assert "client_max_window_bits=12" in extension  # the server chose the setting
+        sent = peer.send_compressed('{"function": "echo", "args": ["' + "progress " * 2000 +
+                                    '"], "id": 1}')
+        assert sent < 200  # 20,000 bytes of JSON crossed as a few dozen
+        _, rsv1, opcode, payload = peer.frame()
+        assert rsv1 and opcode == TEXT and len(payload) < 500
+        event = peer.inflater.decompress(payload + b"\x00\x00\xff\xff")
+        assert b'"event":"complete"' in event and event.count(b"progress") == 2000
+        peer.send_compressed("hello")  # the seed's plain-text message, compressed
+        assert peer.message() == "task complete"
+    finally:
+        peer.close()
+
+
+def test_a_compressed_message_that_inflates_past_max_message_is_1009(gateway):
+    peer = Peer(gateway.port, "permessage-deflate")
+    try:
+        assert peer.send_compressed("0" * 10_000_000) < 20_000  # 10 MB as ~10 KB
+        assert peer.close_frame()[0] == 1009
+    finally:
+        peer.close()
+
+
+def test_compression_can_be_turned_off(daemon, make_gateway):
+    gateway = make_gateway(daemon, allow_no_origin="true", compression="false")
+    peer = Peer(gateway.port, "permessage-deflate; client_max_window_bits")
+    try:
+        assert "sec-websocket-extensions" not in peer.headers
+        peer.send(TEXT, b"hello")
+        assert peer.message() == "task complete"
+    finally:
+        peer.close()
+
+
+def test_a_browser_answering_the_stop_1001_closes_cleanly(daemon, make_gateway):
+    gateway = make_gateway(daemon, allow_no_origin="true")
+    peer = Peer(gateway.port)
+    try:
+        peer.send(TEXT, b"hello")
+        assert peer.message() == "task complete"
+        gateway.proc.send_signal(signal.SIGTERM)  # gunicorn's graceful stop
+        code, reason = peer.close_frame(within=10)
+        assert (code, reason) == (1001, b"server is stopping")
+        peer.send(CLOSE, close_payload(1001))  # the browser's answer
+        peer.sock.settimeout(10)
+        assert peer.sock.recv(100) == b""  # then the server closes the TCP connection
+        wait_until(lambda: gateway.proc.poll() is not None, 30, "gunicorn to exit")
+    finally:
+        peer.close()
+    assert "Traceback" not in gateway.log() and "TypeError" not in gateway.log()
