@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -34,6 +35,8 @@ def browser(tmp_path):
                  "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
                  "--window-size=900,700"):
         options.add_argument(flag)
+    # The DevTools events, for what the network saw (the WebSocket handshake).
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
     service = Service(CHROMEDRIVER)
     driver = webdriver.Chrome(service=service, options=options)
     try:
@@ -56,6 +59,19 @@ def start_send_bulk(browser, gateway, recipients: int):
     return wait, wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#tasks .task"))
 
 
+def websocket_extensions(browser) -> list[str]:
+    """What the gateway answered in Sec-WebSocket-Extensions, for each WebSocket the
+    page opened (from Chromium's DevTools network events)."""
+    found = []
+    for entry in browser.get_log("performance"):
+        event = json.loads(entry["message"])["message"]
+        if event.get("method") == "Network.webSocketHandshakeResponseReceived":
+            headers = {name.lower(): value for name, value in
+                       event["params"]["response"]["headers"].items()}
+            found.append(headers.get("sec-websocket-extensions", ""))
+    return found
+
+
 def outcome(row) -> str:
     return row.find_element(By.CLASS_NAME, "outcome").text
 
@@ -66,6 +82,10 @@ def test_demo_page_sends_1000_e_mails_and_shows_them_arrive(make_daemon, make_ga
     gateway = make_gateway(daemon, mail_catcher=mail_catcher.http_address)
     wait, row = start_send_bulk(browser, gateway, 1000)
     wait.until(lambda d: outcome(row) == "sent 1,000 of 1,000")
+    # Chromium offered permessage-deflate and the gateway took it: the progress
+    # stream above crossed compressed.
+    assert [value.split(";")[0] for value in websocket_extensions(browser)] == \
+        ["permessage-deflate"]
     bar = row.find_element(By.TAG_NAME, "progress")
     assert float(bar.get_attribute("value")) == float(bar.get_attribute("max")) == 1
     assert row.find_element(By.CLASS_NAME, "badge").text == "done"
