@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -39,18 +40,26 @@ def test_bench_prints_a_row_per_scenario_without_errors():
 
 
 def test_bench_gateway_mode_prints_a_row_per_worker_count():
+    # Without a Workerman checkout (WORKERMAN_DIR), the PHP gateway's rows are left out.
+    env = {k: v for k, v in os.environ.items() if k not in ("WORKERMAN_DIR", "COROUTINE_DIR")}
     result = subprocess.run(
         [sys.executable, "scripts/bench", "--gateway", "--seconds", "0.5", "--runs", "1",
          "--sockets", "4", "--inflight", "2"],
-        cwd=ROOT, capture_output=True, text=True, timeout=150)
+        cwd=ROOT, capture_output=True, text=True, timeout=150, env=env)
     assert result.returncode == 0, result.stderr
     rows = [line.split("|")[1:-1] for line in result.stdout.splitlines()
-            if line.startswith("| gateway")]
-    assert [cells[0].strip() for cells in rows] == [
-        "gateway echo, 1 worker(s), S=4 x M=2", "gateway echo, 2 worker(s), S=4 x M=2"]
+            if line.startswith(("| gateway", "| seed"))]
+    assert [(cells[0].strip(), cells[1].strip()) for cells in rows] == [
+        ("seed's contract, 1 worker(s), S=4 x M=1", "reference"),
+        ("seed's contract, 1 worker(s), S=4 x M=1", "greentask"),
+        ("seed's contract, 2 worker(s), S=4 x M=1", "reference"),
+        ("seed's contract, 2 worker(s), S=4 x M=1", "greentask"),
+        ("gateway echo, 1 worker(s), S=4 x M=2", "greentask"),
+        ("gateway echo, 2 worker(s), S=4 x M=2", "greentask")]
     for cells in rows:
         assert int(cells[2].replace(",", "")) > 0
         assert cells[7].strip() == "0"
+    assert float(rows[1][6]) > 0  # greentask's ratio to the reference gateway
 
 
 def test_profile_prints_the_heaviest_frames_of_a_loaded_worker():
