@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from typing import Any
 
@@ -140,9 +141,17 @@ def call(args: argparse.Namespace) -> int:
     on_progress = (lambda value: print(_dumps({"progress": value}), flush=True)) \
         if args.progress else None
     with client:
-        handle = client.apply(args.function, task_args, on_progress=on_progress)
+        # A Ctrl-C while the request is being sent is held until there is a
+        # handle to cancel, then raised in the try below.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            handle = client.apply(args.function, task_args, on_progress=on_progress)
+        except BaseException:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+            raise
         try:
             try:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
                 result = handle.get()
             except KeyboardInterrupt:
                 # Ctrl-C: the task must not go on running on the server.

@@ -32,6 +32,7 @@ its socket in non-blocking mode and makes every TLS call under one lock
 
 from __future__ import annotations
 
+import signal
 import socket
 import ssl
 import threading
@@ -60,6 +61,23 @@ from greentask.tls import SharedTLSStream
 #: Seconds a failed send waits for the connection's reader to learn why (a TLS
 #: alert, a reset), so the error names the cause rather than a broken pipe.
 SEND_FAILURE_GRACE = 0.5
+#: Signals a reader thread never takes. The kernel hands a process's signal to
+#: any thread that does not block it, but only the main thread runs Python's
+#: handlers: a Ctrl-C taken by a reader would leave the main thread asleep in
+#: get() until its timeout.
+READER_BLOCKED_SIGNALS = frozenset({
+    signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
+    signal.SIGUSR2, signal.SIGALRM, signal.SIGCHLD})
+
+
+def start_reader(target: Any, name: str) -> None:
+    """Start a daemon thread that runs ``target`` with :data:`READER_BLOCKED_SIGNALS` blocked
+    (a new thread inherits its creator's mask, which is restored at once)."""
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, READER_BLOCKED_SIGNALS)
+    try:
+        threading.Thread(target=target, name=name, daemon=True).start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 class TaskHandle(Call):
     """A submitted task (a future): :meth:`get` waits for its result."""
@@ -128,8 +146,7 @@ class _Connection:
         self.calls = CallConnection()
         self._lock = threading.Lock()
         self._reader_done = threading.Event()
-        threading.Thread(target=self._read_loop, name=f"greentask-reader-{address[1]}",
-                         daemon=True).start()
+        start_reader(self._read_loop, f"greentask-reader-{address[1]}")
 
     @property
     def usable(self) -> bool:

@@ -157,3 +157,26 @@ def test_works_from_greenlets_in_a_monkey_patched_process(daemon):
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
     assert float(result.stdout) == pytest.approx(40.0)
+
+
+def blocked_signals(native_id: int) -> int:
+    """The signal mask of one thread of this process, from /proc."""
+    with open(f"/proc/self/task/{native_id}/status") as status:
+        line = next(line for line in status if line.startswith("SigBlk:"))
+    return int(line.split()[1], 16)
+
+
+def test_reader_threads_leave_signals_to_the_main_thread(daemon):
+    # The kernel gives a process's SIGINT to any thread that does not block
+    # it; taken by a reader, Ctrl-C would leave the main thread asleep in get().
+    main_before = blocked_signals(threading.main_thread().native_id)
+    with TaskClient([daemon.address], connections_per_server=2) as client:
+        [client.submit("echo", i) for i in range(4)][-1].get()
+        readers = [thread for thread in threading.enumerate()
+                   if thread.name.startswith("greentask-reader-")]
+        assert readers
+        for reader in readers:
+            mask = blocked_signals(reader.native_id)
+            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
+                assert mask & (1 << (signum - 1)), (reader.name, signum)
+    assert blocked_signals(threading.main_thread().native_id) == main_before  # restored
