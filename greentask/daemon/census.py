@@ -23,10 +23,12 @@ from greentask.daemon.children import WorkerProcess
 
 #: Seconds over which ``status`` measures each child's tasks per second.
 RATE_WINDOW = 5.0
-#: The slot fields ``status`` shows for each child, as whole numbers.
 #: Why a worker was replaced (the metrics' ``cause`` label): it died, its loop
 #: stopped (the watchdog), it could not start, or it was retired.
 RESTART_CAUSES = ("crash", "watchdog", "boot", "reload", "recycle", "scale", "failed reload")
+#: The outcome counts by function in ``status``, named as the slot's fields are.
+OUTCOME_NAMES = tuple(scoreboard.FIELDS[outcome] for outcome in scoreboard.OUTCOMES)
+#: The slot fields ``status`` shows for each child, as whole numbers.
 STATUS_FIELDS = ("rss", "connections", "inflight", "done", "failed", "timed_out",
                  "cancelled")
 
@@ -59,7 +61,7 @@ class Census:
     def bury(self, worker: WorkerProcess) -> None:
         """Keep an exited child's counters, and free its slot."""
         fold(self.board.slot(worker.slot_index), self.totals, self.function_totals)
-        self.failures.extend(self._failures_of(worker))
+        self.failures.extend(self._failures_in(worker, self._activity_of(worker)))
         self.board.release(worker.slot_index)
 
     def _activity_of(self, worker: WorkerProcess) -> dict[str, Any]:
@@ -69,9 +71,9 @@ class Census:
             worker.activity = document
         return worker.activity or {}
 
-    def _failures_of(self, worker: WorkerProcess) -> list[dict[str, Any]]:
-        return [{"pid": worker.pid, **failure}
-                for failure in self._activity_of(worker).get("failures", ())]
+    @staticmethod
+    def _failures_in(worker: WorkerProcess, document: dict[str, Any]) -> list[dict[str, Any]]:
+        return [{"pid": worker.pid, **failure} for failure in document.get("failures", ())]
 
     def activity(self, workers: Iterable[WorkerProcess]) -> dict[str, Any]:
         """The oldest running tasks of all live children, the last failures (of exited
@@ -84,7 +86,7 @@ class Census:
             stale = now - document.get("at", now)
             running.extend({"pid": worker.pid, **task, "age": task["age"] + stale}
                            for task in document.get("running", ()))
-            failures.extend(self._failures_of(worker))
+            failures.extend(self._failures_in(worker, document))
         running.sort(key=lambda task: -task["age"])
         failures.sort(key=lambda failure: -failure["at"])
         _, _, functions = self.snapshot(workers)
@@ -92,7 +94,7 @@ class Census:
         return {"running": running[:RUNNING_SHOWN], "failures": failures[:FAILURES_KEPT],
                 "duration_bounds": list(scoreboard.DURATION_BUCKETS),
                 "functions": {name: {**{label: int(count) for label, count in zip(
-                    ("done", "failed", "timed_out", "cancelled"), row, strict=False)},
+                    OUTCOME_NAMES, row[:outcomes], strict=True)},
                     "durations": [int(count) for count in row[outcomes:]]}
                     for name, row in sorted(functions.items())}}
 

@@ -159,7 +159,6 @@ class FramedSocket:
         #: gevent-websocket's handler (its ``server`` tells when gunicorn stops).
         self.handler = handler
         self.max_message = max_message
-        self.extensions = extensions
         self.closed = False
         self._socket = handler.socket
         self._rfile = handler.rfile

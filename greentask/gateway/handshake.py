@@ -43,15 +43,15 @@ Admit = Callable[[dict[str, Any]], "tuple[str, bytes] | None"]
 
 @dataclass
 class Policy:
-    """What the handshake needs from ``[gateway]``."""
+    """What the handshake needs from ``[gateway]`` (the gateway installs it)."""
 
-    max_message: int = 64 * 1024
-    compression: bool = True
-    compression_window_bits: int = 12
-    admit: Admit | None = None
+    max_message: int
+    compression: bool
+    compression_window_bits: int
+    admit: Admit
 
 
-_policy = Policy()
+_policy: Policy | None = None
 
 
 def accept_key(key: str) -> str:
@@ -80,16 +80,20 @@ def upgrade_websocket(handler: Any) -> list[bytes] | None:
     Returns None (and sets ``handler.websocket``) after a 101, a response
     body after a refusal, or None without a status for a plain request.
     """
-    environ = handler.environ
+    environ, policy = handler.environ, _policy
     if not _wants_upgrade(environ):
         return None  # not a WebSocket request: the WSGI app answers it
+    if policy is None:
+        return _refuse(handler, "503 Service Unavailable",
+                       "the gateway is not ready: greentask.gateway.handshake.install() "
+                       "was not called")
     if handler.request_version != "HTTP/1.1":
         return _refuse(handler, "400 Bad Request", "a WebSocket handshake needs HTTP/1.1")
     if environ.get("HTTP_SEC_WEBSOCKET_VERSION", "").strip() != VERSION:
         return _refuse(handler, "426 Upgrade Required",
                        "this server speaks WebSocket version 13 (RFC 6455)",
                        [("Sec-WebSocket-Version", VERSION)])
-    refusal = _policy.admit(environ) if _policy.admit is not None else None
+    refusal = policy.admit(environ)
     if refusal is not None:
         status, body = refusal
         return _refuse(handler, status, body.decode(errors="replace").rstrip("\n"))
@@ -105,12 +109,12 @@ def upgrade_websocket(handler: Any) -> list[bytes] | None:
                ("Sec-WebSocket-Accept", accept_key(key))]
     extensions = []
     deflate = deflate_for(environ.get("HTTP_SEC_WEBSOCKET_EXTENSIONS", ""),
-                          _policy.compression_window_bits, _policy.max_message) \
-        if _policy.compression else None
+                          policy.compression_window_bits, policy.max_message) \
+        if policy.compression else None
     if deflate is not None:
         extensions.append(deflate[0])
         headers.append(("Sec-WebSocket-Extensions", deflate[1]))
-    handler.websocket = FramedSocket(environ, handler, _policy.max_message, extensions)
+    handler.websocket = FramedSocket(environ, handler, policy.max_message, extensions)
     environ.update({"wsgi.websocket_version": VERSION, "wsgi.websocket": handler.websocket})
     handler.start_response("101 Switching Protocols", headers)
     return None
