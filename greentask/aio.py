@@ -156,10 +156,6 @@ class _Connection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._writable = asyncio.Event()
         self._writable.set()
-        #: Lines written in this turn of the loop, sent together at its end,
-        #: and the requests among them (never sent, if the connection ends first).
-        self._outbox: list[bytes] = []
-        self._unsent: list[AsyncTaskHandle] = []
 
     @classmethod
     async def open(cls, address: tuple[str, int], connect_timeout: float, give_back: GiveBack,
@@ -171,9 +167,9 @@ class _Connection(asyncio.Protocol):
             _, connection = await loop.create_connection(
                 lambda: cls(address, give_back), host, port, ssl=ssl_context,
                 server_hostname=host if ssl_context is not None else None)
-        if auth_token is not None:
+        if auth_token is not None and connection._transport is not None:
             # No reply on success: requests may follow at once.
-            connection._write(encode_hello(auth_token))
+            connection._transport.write(encode_hello(auth_token))
         return connection
 
     @property
@@ -183,9 +179,7 @@ class _Connection(asyncio.Protocol):
 
     def send(self, handle: AsyncTaskHandle) -> None:
         """Write ``handle``'s request; raises :class:`NotSent` when it was not."""
-        line = self.calls.send(handle)
-        self._write(line)
-        self._unsent.append(handle)
+        self._queued(self.calls.queue(handle))
         handle.connection = self
         if handle.cancelled:  # cancelled while it waited for a connection
             self.cancel(handle)
@@ -201,9 +195,7 @@ class _Connection(asyncio.Protocol):
 
     def cancel(self, handle: AsyncTaskHandle) -> None:
         """Send the cancel line of ``handle``, if this connection still has it."""
-        line = self.calls.cancel(handle)
-        if line is not None:
-            self._write(line)
+        self._queued(self.calls.queue_cancel(handle))
 
     def close(self, reason: str) -> None:
         """Close after the buffered writes; whatever is still pending is given back."""
@@ -217,18 +209,17 @@ class _Connection(asyncio.Protocol):
         if self._transport is not None:
             self._transport.abort()
 
-    def _write(self, data: bytes) -> None:
+    def _queued(self, first: bool) -> None:
         # One send per turn of the loop, not one per line: with many callers
         # the system calls, not the bookkeeping, were most of a call's cost.
-        if not self._outbox:
+        if first:
             asyncio.get_running_loop().call_soon(self._flush)
-        self._outbox.append(data)
 
     def _flush(self) -> None:
-        if self._outbox and self._transport is not None and not self._transport.is_closing():
-            self._transport.write(b"".join(self._outbox))
-            self._unsent.clear()
-        self._outbox.clear()
+        # A closing transport writes nothing: what is queued stays with the
+        # core, which gives it back as not sent when the connection is lost.
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(self.calls.take_output().data)
 
     # asyncio.Protocol
 
@@ -245,20 +236,13 @@ class _Connection(asyncio.Protocol):
         return False  # the transport closes itself; connection_lost follows
 
     def connection_lost(self, exc: Exception | None) -> None:
-        unsent, self._unsent = self._unsent, []
-        for handle in unsent:
-            self.calls.write_failed(handle)
         if isinstance(exc, OSError):
             events = self.calls.read_failed(exc)
         else:
             events = self.calls.connection_lost("closed by the server")
-        self._outbox.clear()
         self._writable.set()
         self.closed.set()
-        reason = self.calls.closed_because
         deliver(events, self._give_back)
-        for handle in unsent:
-            self._give_back(handle, Unanswered.UNSENT, reason)
 
     def pause_writing(self) -> None:
         self._writable.clear()

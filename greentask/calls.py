@@ -6,9 +6,13 @@ A :class:`Call` is one task a caller asked for, across every connection it
 is sent on. :class:`CallConnection` is one connection's bookkeeping without
 any I/O, as h11's ``Connection`` is for HTTP: it numbers requests, keeps the
 ones waiting for a reply, matches reply lines to them and says when the
-connection should be closed. A transport writes the bytes it returns, feeds
-it the bytes it reads, and acts on the events it gives back:
-:class:`Progress`, :class:`Answered` and :class:`GivenBack`.
+connection should be closed. A transport queues requests and cancels on it,
+writes what :meth:`~CallConnection.take_output` returns (all the lines of one
+turn of its event loop in one send, when it can wait that long), feeds it
+the bytes it reads, and acts on the events it gives back: :class:`Progress`,
+:class:`Answered` and :class:`GivenBack`. A request whose line was not
+wholly written when the connection ended never reached a server: it is
+given back as not sent, never as lost.
 
 A request given back unanswered goes to :func:`resend_or_error`, the one
 retry policy: one that did not run (refused, ``ShuttingDown``) is always sent
@@ -170,6 +174,13 @@ class GivenBack(NamedTuple):
 Event = Progress | Answered | GivenBack
 
 
+class Output(NamedTuple):
+    """Bytes for the transport to write, and where each request's line in them ends."""
+
+    data: bytes
+    ends: list[tuple[Call, int]]
+
+
 class NotSent(Exception):
     """The request was not written on this connection: no server has it."""
 
@@ -190,6 +201,9 @@ class CallConnection:
         self._decoder = LineDecoder(MAX_REPLY_LINE)
         self._pending: dict[int, Call] = {}
         self._ids = itertools.count(1)
+        #: Lines queued and not yet taken by the transport, each with its request
+        #: (None for a cancel): such a request never reached a server.
+        self._output: list[tuple[bytes, Call | None]] = []
 
     @property
     def usable(self) -> bool:
@@ -207,11 +221,12 @@ class CallConnection:
         """Requests sent and not answered yet."""
         return len(self._pending)
 
-    def send(self, call: Call) -> bytes:
-        """Register ``call`` as sent and return its line; the transport must write it.
+    def queue(self, call: Call) -> bool:
+        """Register ``call`` as sent and queue its line for :meth:`take_output`.
 
-        Raises :class:`NotSent` when this connection takes no more requests,
-        :class:`Unauthorized` when its server refused the token.
+        Returns True when nothing was queued before it (the transport should
+        arrange a write). Raises :class:`NotSent` when this connection takes
+        no more requests, :class:`Unauthorized` when its server refused the token.
         """
         if self.refusal is not None:
             # The same token would be refused on any connection.
@@ -223,20 +238,42 @@ class CallConnection:
                               progress=call.wants_progress, timeout=call.timeout)
         call.request_id = request_id
         self._pending[request_id] = call
-        return line
+        self._output.append((line, call))
+        return len(self._output) == 1
 
-    def write_failed(self, call: Call) -> None:
-        """The transport could not write ``call``'s line: it was never sent here."""
-        if self._pending.get(call.request_id) is call:  # type: ignore[arg-type]
-            del self._pending[call.request_id]  # type: ignore[arg-type]
+    def queue_cancel(self, call: Call) -> bool:
+        """Queue the line that cancels ``call``, if this connection still has it;
+        True when the transport should arrange a write."""
+        if not self.alive or self._pending.get(call.request_id) is not call:  # type: ignore[arg-type]
+            return False  # answered already, or lost with the connection
+        self._output.append((encode_cancel(call.request_id), None))  # type: ignore[arg-type]
+        return len(self._output) == 1
+
+    def take_output(self) -> Output:
+        """Everything queued, for the transport to write now, in one piece."""
+        output, self._output = self._output, []
+        ends: list[tuple[Call, int]] = []
+        size = 0
+        for line, call in output:
+            size += len(line)
+            if call is not None:
+                ends.append((call, size))
+        return Output(b"".join(line for line, _ in output), ends)
+
+    def write_failed(self, output: Output, written: int) -> list[Call]:
+        """The transport wrote only ``written`` bytes of ``output``: the requests whose
+        lines were not wholly written never reached a server; they are returned, for
+        the transport to give back (``Unanswered.UNSENT``)."""
         # Dead, though the reader may not have seen it yet: send no more here.
         self.draining = True
+        unsent = [call for call, end in output.ends if end > written]
+        for call in unsent:
+            self._forget(call)
+        return unsent
 
-    def cancel(self, call: Call) -> bytes | None:
-        """The line that cancels ``call``, or None when this connection no longer has it."""
-        if not self.alive or self._pending.get(call.request_id) is not call:  # type: ignore[arg-type]
-            return None  # answered already, or lost with the connection
-        return encode_cancel(call.request_id)  # type: ignore[arg-type]
+    def _forget(self, call: Call) -> None:
+        if self._pending.get(call.request_id) is call:  # type: ignore[arg-type]
+            del self._pending[call.request_id]  # type: ignore[arg-type]
 
     def receive_data(self, data: bytes) -> list[Event]:
         """Feed bytes the server sent; return what they mean for the calls."""
@@ -286,12 +323,18 @@ class CallConnection:
         every pending call is answered or given back."""
         self.alive = False
         self.closed_because = self.closed_because or reason
+        output, self._output = self._output, []
+        unsent = [call for _, call in output if call is not None]
+        for call in unsent:
+            self._forget(call)
         lost = list(self._pending.values())
         self._pending.clear()
         if self.refusal is not None:
-            return [Answered(call, None, Unauthorized(self.refusal.message)) for call in lost]
+            return [Answered(call, None, Unauthorized(self.refusal.message))
+                    for call in lost + unsent]
         cause = Unanswered.REFUSED if refused else Unanswered.LOST
-        return [GivenBack(call, cause, self.closed_because) for call in lost]
+        return [GivenBack(call, cause, self.closed_because) for call in lost] + \
+            [GivenBack(call, Unanswered.UNSENT, self.closed_because) for call in unsent]
 
     def read_failed(self, exc: OSError) -> list[Event]:
         """The transport's read raised ``exc``: say why the connection ended."""

@@ -4,9 +4,12 @@ Theory of operation
 -------------------
 The client keeps up to ``connections_per_server`` connections to each server
 in its list, opened on first use. Each request gets an id unique on its
-connection and is written with one ``sendall``; a reader thread per connection
-matches reply lines to waiting :class:`TaskHandle` objects by id, so any number
-of callers share one connection. The client uses only ``socket`` and
+connection and is written at once, or, when the client was given ``spawn``
+(``gevent.spawn``), by a greenlet that runs once the callers of this turn of
+the event loop have queued theirs, so their lines go out in one send. A
+reader thread per connection matches reply lines to waiting
+:class:`TaskHandle` objects by id, so any number of callers share one
+connection. The client uses only ``socket`` and
 ``threading``: in a gevent-monkey-patched process those are gevent's, so it
 works from greenlets as well as from plain threads.
 
@@ -36,7 +39,7 @@ import signal
 import socket
 import ssl
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from greentask.calls import (
@@ -78,6 +81,10 @@ def start_reader(target: Any, name: str) -> None:
         threading.Thread(target=target, name=name, daemon=True).start()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+#: What runs a function soon in another greenlet (``gevent.spawn``).
+Spawn = Callable[[Callable[[], None]], object]
+
 
 class TaskHandle(Call):
     """A submitted task (a future): :meth:`get` waits for its result."""
@@ -122,15 +129,17 @@ class _Connection:
     """
 
     def __init__(self, address: tuple[str, int], connect_timeout: float, give_back: GiveBack,
-                 auth_token: str | None = None,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+                 auth_token: str | None = None, ssl_context: ssl.SSLContext | None = None,
+                 spawn: Spawn | None = None) -> None:
         self.address = address
         self._give_back = give_back
+        self._spawn = spawn
+        self._write_error = ""
         self.sock = socket.create_connection(address, timeout=connect_timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if ssl_context is None:
             self.sock.settimeout(None)
-            self._recv, self._sendall = self.sock.recv, self.sock.sendall
+            self._recv, self._send = self.sock.recv, self.sock.send
         else:
             try:
                 # The handshake runs within connect_timeout, still blocking.
@@ -139,10 +148,13 @@ class _Connection:
                 self.sock.close()
                 raise
             stream = SharedTLSStream(self.sock)
-            self._recv, self._sendall = stream.recv, stream.sendall
+            self._recv, self._send = stream.recv, stream.send
         if auth_token is not None:
             # No reply on success: requests may follow at once.
-            self._sendall(encode_hello(auth_token))
+            hello = encode_hello(auth_token)
+            if self._write(hello) < len(hello):
+                self.sock.close()
+                raise OSError(self._write_error)
         self.calls = CallConnection()
         self._lock = threading.Lock()
         self._reader_done = threading.Event()
@@ -154,37 +166,64 @@ class _Connection:
         return self.calls.usable
 
     def send(self, handle: TaskHandle) -> None:
-        """Write ``handle``'s request; raises :class:`NotSent` when it was not."""
+        """Queue ``handle``'s request; raises :class:`NotSent` when this connection takes
+        no more. A request that then cannot be written goes back to the client."""
         with self._lock:
             # Decided under the lock the close is decided under: a request is
             # either pending before the close, or never written here.
-            line = self.calls.send(handle)
-            try:
-                self._sendall(line)
-            except OSError as exc:
-                self.calls.write_failed(handle)
-                failure = str(exc)
-            else:
-                handle.connection = self
-                if handle.cancelled:  # cancelled while it was being sent
-                    self._write_cancel(handle)
-                return
-        self._reader_done.wait(SEND_FAILURE_GRACE)
-        raise NotSent(self.calls.closed_because or failure)
+            first = self.calls.queue(handle)
+            handle.connection = self
+            if handle.cancelled:  # cancelled while it waited for a connection
+                self.calls.queue_cancel(handle)
+            unsent = self._queued(first)
+        self._give_back_unsent(unsent)
 
     def cancel(self, handle: TaskHandle) -> None:
         """Send the cancel line of ``handle``, if this connection still has it."""
         with self._lock:
-            self._write_cancel(handle)
+            unsent = self._queued(self.calls.queue_cancel(handle))
+        self._give_back_unsent(unsent)
 
-    def _write_cancel(self, handle: TaskHandle) -> None:
-        line = self.calls.cancel(handle)
-        if line is None:
-            return
+    def _queued(self, first: bool) -> list[Call]:
+        # Under the lock. Lines queued after the first wait for its write.
+        if not first:
+            return []
+        if self._spawn is not None:
+            self._spawn(self._flush)
+            return []
+        return self._write_output()
+
+    def _flush(self) -> None:
+        with self._lock:
+            unsent = self._write_output()
+        self._give_back_unsent(unsent)
+
+    def _write_output(self) -> list[Call]:
+        """Write what is queued (under the lock); the requests it could not write."""
+        output = self.calls.take_output()
+        written = self._write(output.data)
+        if written == len(output.data):
+            return []
+        # Before the lock is let go: the reader must not count them as lost.
+        return self.calls.write_failed(output, written)
+
+    def _write(self, data: bytes) -> int:
+        """Write ``data``; how much of it was written (less: see ``_write_error``)."""
+        view, written = memoryview(data), 0
         try:
-            self._sendall(line)
-        except OSError:
-            pass  # the reader sees the connection die and gives the request back
+            while written < len(data):
+                written += self._send(view[written:])
+        except OSError as exc:
+            self._write_error = str(exc)
+        return written
+
+    def _give_back_unsent(self, unsent: list[Call]) -> None:
+        if not unsent:
+            return
+        self._reader_done.wait(SEND_FAILURE_GRACE)
+        reason = self.calls.closed_because or self._write_error
+        for call in unsent:
+            self._give_back(call, Unanswered.UNSENT, reason)
 
     def close(self) -> None:
         """Close; the reader fails whatever is still pending."""
@@ -226,18 +265,24 @@ class TaskClient:
     ``auth_token``: the servers' shared token, when they require one.
     ``ssl_context``: speak TLS (see :func:`greentask.tls.client_context`);
     the server's certificate is checked against the host name in ``servers``.
+    ``spawn``: in a gevent program, ``gevent.spawn``: the requests made in one
+    turn of the event loop are then written together, in one send per
+    connection, by a greenlet it starts (many greenlets calling at once
+    cost far fewer system calls).
     """
 
     def __init__(self, servers: Iterable[str] = ("127.0.0.1:12345",), timeout: float = 30.0,
                  connect_timeout: float = 5.0, connections_per_server: int = 2,
                  auth_token: str | None = None,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None,
+                 spawn: Spawn | None = None) -> None:
         self._pool: ServerPool[_Connection] = ServerPool(servers, connections_per_server)
         self.servers = self._pool.servers
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self._auth_token = auth_token
         self._ssl_context = ssl_context
+        self._spawn = spawn
         self._lock = threading.Lock()
 
     def call(self, function: str, /, *args: Any, retry: bool = False,
@@ -329,7 +374,7 @@ class TaskClient:
                 try:
                     return opening.opened(_Connection(address, self.connect_timeout,
                                                       self._take_back, self._auth_token,
-                                                      self._ssl_context))
+                                                      self._ssl_context, self._spawn))
                 except OSError as exc:
                     opening.failed(address, exc)
             return opening.fallback()

@@ -81,14 +81,13 @@ class SharedTLSStream:
                     waiter = self._writable
             waiter.poll()
 
-    def sendall(self, data: bytes) -> None:
-        """Send all of ``data``; callers are already serialised by the connection's lock."""
-        view = memoryview(data)
-        while view:
+    def send(self, data: bytes | memoryview) -> int:
+        """Block until some of ``data`` is sent; return how much. Callers are already
+        serialised by the connection's lock."""
+        while True:
             with self._tls_lock:
                 try:
-                    view = view[self.sock.send(view):]
-                    continue
+                    return self.sock.send(data)
                 except ssl.SSLWantWriteError:
                     waiter = self._writable
                 except ssl.SSLWantReadError:

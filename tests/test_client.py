@@ -159,6 +159,49 @@ def test_works_from_greenlets_in_a_monkey_patched_process(daemon):
     assert float(result.stdout) == pytest.approx(40.0)
 
 
+BATCHING_CALLER = """
+from gevent import monkey
+monkey.patch_all()
+import sys, gevent
+from greentask import TaskClient
+client = TaskClient([sys.argv[1]], connections_per_server=1, spawn=gevent.spawn)
+jobs = [gevent.spawn(client.call, "send_mail", to=str(i)) for i in range(200)]
+gevent.joinall(jobs, timeout=20, raise_error=True)
+print(len([job for job in jobs if job.value == {"status": "sent"}]))
+"""
+
+
+def test_with_spawn_the_requests_of_one_turn_go_out_together():
+    listener = socket.create_server(("127.0.0.1", 0))
+    reads: list[int] = []
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            buffer = b""
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                reads.append(data.count(b"\n"))
+                buffer += data
+                lines, _, buffer = buffer.rpartition(b"\n")
+                conn.sendall(b'{"status": "sent"}\n' * (lines.count(b"\n") + 1))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    address = f"127.0.0.1:{listener.getsockname()[1]}"
+    result = subprocess.run([sys.executable, "-c", BATCHING_CALLER, address],
+                            capture_output=True, text=True, timeout=30)
+    thread.join(5)
+    listener.close()
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["200"]
+    # 200 greenlets asked in one turn of the loop: their lines came in a few
+    # sends, not one each (a read may still split one send).
+    assert sum(reads) == 200 and len(reads) <= 5, reads
+
+
 def blocked_signals(native_id: int) -> int:
     """The signal mask of one thread of this process, from /proc."""
     with open(f"/proc/self/task/{native_id}/status") as status:
@@ -180,3 +223,24 @@ def test_reader_threads_leave_signals_to_the_main_thread(daemon):
             for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
                 assert mask & (1 << (signum - 1)), (reader.name, signum)
     assert blocked_signals(threading.main_thread().native_id) == main_before  # restored
+
+
+def test_the_core_gives_back_requests_never_wholly_written_as_not_sent():
+    # Sans-IO: the bookkeeping a transport relies on when a write fails or
+    # the connection ends with lines still queued.
+    from greentask.calls import Call, CallConnection, GivenBack, Unanswered
+
+    calls = CallConnection()
+    first, second, third = (Call("echo", [i], 5.0, False) for i in range(3))
+    assert calls.queue(first) is True  # the transport must arrange a write
+    assert calls.queue(second) is False  # one is arranged already
+    output = calls.take_output()
+    assert output.data.count(b"\n") == 2
+    first_end = output.ends[0][1]
+    # Only the first line went out whole: the second never reached a server.
+    assert calls.write_failed(output, first_end + 3) == [second]
+    assert not calls.usable and calls.pending == 1
+    fresh = CallConnection()
+    fresh.queue(third)
+    events = fresh.connection_lost("reset")
+    assert events == [GivenBack(third, Unanswered.UNSENT, "reset")]

@@ -115,7 +115,8 @@ class Gateway:
     def client(self) -> TaskClient:
         """The task client, made on first use (after gunicorn forked this worker)."""
         if self._client is None:
-            self._client = task_client(self.settings)
+            # Requests of one turn of the loop go out in one send per connection.
+            self._client = task_client(self.settings, spawn=gevent.spawn)
         return self._client
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
