@@ -35,6 +35,7 @@ its socket in non-blocking mode and makes every TLS call under one lock
 
 from __future__ import annotations
 
+import logging
 import signal
 import socket
 import ssl
@@ -61,6 +62,8 @@ from greentask.errors import GreentaskError, TaskTimeout
 from greentask.protocol import encode_hello
 from greentask.tls import SharedTLSStream
 
+log = logging.getLogger("greentask.client")
+
 #: Seconds a failed send waits for the connection's reader to learn why (a TLS
 #: alert, a reset), so the error names the cause rather than a broken pipe.
 SEND_FAILURE_GRACE = 0.5
@@ -86,12 +89,27 @@ def start_reader(target: Any, name: str) -> None:
 Spawn = Callable[[Callable[[], None]], object]
 
 
+#: Guards every handle's done-callbacks (held only to add or take them).
+_CALLBACKS_LOCK = threading.Lock()
+
+
 class TaskHandle(Call):
     """A submitted task (a future): :meth:`get` waits for its result."""
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         self._done = threading.Event()
+        self._callbacks: list[Callable[[TaskHandle], None]] = []
+
+    def add_done_callback(self, callback: Callable[[TaskHandle], None]) -> None:
+        """Call ``callback(handle)`` once the result or the error is in (at once if it
+        is). It runs where the call ended, usually a connection's reader: keep it
+        short, and never wait in it. ``handle.get(0)`` then gives the outcome."""
+        with _CALLBACKS_LOCK:
+            if not self._finished:
+                self._callbacks.append(callback)
+                return
+        self._run_callback(callback)
 
     def cancel(self) -> None:
         """Ask the server to cancel the task, and return at once.
@@ -118,6 +136,16 @@ class TaskHandle(Call):
 
     def _woken(self) -> None:
         self._done.set()
+        with _CALLBACKS_LOCK:
+            callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            self._run_callback(callback)
+
+    def _run_callback(self, callback: Callable[[TaskHandle], None]) -> None:
+        try:
+            callback(self)
+        except Exception:
+            log.exception("a done-callback of task %r raised", self.function)
 
 
 class _Connection:

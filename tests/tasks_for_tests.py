@@ -117,3 +117,13 @@ def outlives_its_timeout(seconds: float) -> str:
     except BaseException:  # on purpose: a task that ignores its deadline
         time.sleep(seconds)
     return "late"
+
+
+@task
+def floods_progress(count: int, size: int) -> int:
+    """Reports ``count`` progress values of ``size`` bytes each, as fast as the
+    connection takes them (progress() yields)."""
+    blob = "x" * size
+    for step in range(count):
+        progress({"step": step, "blob": blob})
+    return count

@@ -42,6 +42,27 @@ def test_call_returns_results_and_raises_remote_errors_as_their_class(daemon):
             client.submit("echo", 1, a=2)
 
 
+def test_done_callbacks_run_once_with_the_outcome(daemon):
+    outcomes: list[object] = []
+    finished = threading.Event()
+
+    def record(handle) -> None:
+        try:
+            outcomes.append(handle.get(0))
+        except TaskError as exc:
+            outcomes.append(type(exc))
+        if len(outcomes) == 3:
+            finished.set()
+    with TaskClient([daemon.address]) as client:
+        client.submit("sleep", 0.2).add_done_callback(record)  # while it runs
+        client.submit("fail", "no").add_done_callback(record)
+        done = client.submit("echo", 1)
+        done.get(10)
+        done.add_done_callback(record)  # after: at once, in this thread
+        assert finished.wait(10)
+    assert sorted(map(str, outcomes)) == sorted(map(str, [0.2, TaskError, [1]]))
+
+
 def test_timeouts_on_the_server_and_while_waiting(daemon):
     with TaskClient([daemon.address]) as client:
         with pytest.raises(TaskTimeout, match=r"ran longer than 0\.2 s"):

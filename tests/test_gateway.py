@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import struct
 import threading
 
@@ -269,6 +270,33 @@ def test_task_server_down_then_back(make_daemon, make_gateway):
     wait_until(lambda: gateway_health(gateway) == 200, 10, "healthz to recover")
     ws.send(json.dumps({"function": "echo", "args": [2], "id": 2}))
     assert json.loads(ws.recv())["result"] == [2]
+
+
+def test_a_task_server_that_never_answers_gets_the_browser_a_timeout(make_gateway):
+    # It accepts and reads, but neither answers nor closes: only the
+    # gateway's own deadline (call_timeout + 1 s) can end the wait.
+    listener = socket.create_server(("127.0.0.1", 0))
+    silent: list[socket.socket] = []
+
+    def accept_forever() -> None:
+        while True:
+            try:
+                silent.append(listener.accept()[0])
+            except OSError:
+                return
+    threading.Thread(target=accept_forever, daemon=True).start()
+    gateway = make_gateway(None, task_servers=f"127.0.0.1:{listener.getsockname()[1]}",
+                           call_timeout=1, max_inflight_per_socket=1)
+    ws = gateway.connect()
+    for i in range(2):  # the second is taken: the first one's permit came back
+        ws.send(json.dumps({"function": "echo", "args": [i], "id": i}))
+        event = json.loads(ws.recv())
+        assert (event["id"], event["event"], event["error"]) == (i, "error", {
+            "type": "Timeout", "message": "the task took too long and was stopped"})
+    wait_until(lambda: "within 2 s" in gateway.log(), 10, "the operator's detail in the log")
+    listener.close()
+    for conn in silent:
+        conn.close()
 
 
 def gateway_health(gateway: Gateway) -> int:

@@ -15,6 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import wait_until
+from .ws_peer import TEXT, Peer
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -144,3 +145,31 @@ def test_a_thousand_browsers_vanish_without_a_close_frame(daemon, make_gateway):
     assert "Traceback" not in gateway.log()
     survivor.send(json.dumps({"function": "echo", "args": ["after"], "id": 2}))
     assert json.loads(survivor.recv())["result"] == ["after"]
+
+
+def test_a_browser_that_reads_nothing_holds_up_no_one_else(daemon, make_gateway):
+    # The task connections are shared: a reply for a browser whose socket is
+    # full must wait in that socket's outbox, not in the task connection's
+    # reader, or every other browser's replies would wait behind it.
+    gateway = make_gateway(daemon, allow_no_origin="true",
+                           expose="echo, floods_progress")
+    stalled = Peer(gateway.port, receive_buffer=4096)
+    stalled.send(TEXT, json.dumps({"function": "floods_progress", "args": [200, 100_000],
+                                   "id": "flood"}).encode())
+    before = scrape(gateway).get(("greentask_gateway_results_dropped_total", ()), 0)
+    other = gateway.connect()
+    for i in range(40):  # both task connections, while 20 MB of progress pile up
+        other.send(json.dumps({"function": "echo", "args": [i], "id": i}))
+        assert json.loads(other.recv())["result"] == [i]
+    # Past the outbox's high-water mark the stalled socket's progress is
+    # dropped, and counted; its final event never is.
+    wait_until(lambda: scrape(gateway).get(("greentask_gateway_results_dropped_total", ()),
+                                           0) > before, 30, "progress to be dropped")
+    stalled.sock.settimeout(30)
+    while True:
+        event = json.loads(stalled.message())
+        if event["event"] != "progress":
+            break
+    assert (event["id"], event["event"], event["result"]) == ("flood", "complete", 200)
+    other.close()
+    stalled.close()

@@ -6,11 +6,15 @@ Theory of operation
 A thin WSGI app. ``GET /ws`` is a WebSocket (gevent-websocket's handshake,
 :mod:`greentask.gateway.handshake`, then wsproto's frames,
 :mod:`greentask.gateway.frames`); each text message is a JSON request
-``{"function", "args", "id"}`` and runs in its own greenlet through one
+``{"function", "args", "id"}``, sent by the socket's reader through one
 :class:`~greentask.client.TaskClient` per gunicorn worker process (pooled,
-pipelined connections to ``[gateway] task_servers``). The greenlet relays
-progress as ``{"id", "event": "progress", "progress"}`` and ends with exactly
-one ``complete`` or ``error`` event. A message that does not start with ``{`` runs
+pipelined connections to ``[gateway] task_servers``). No greenlet waits for
+the reply: the task's progress is relayed as ``{"id", "event": "progress",
+"progress"}`` and its handle's done-callback sends exactly one ``complete``,
+``cancelled`` or ``error`` event, from the task connection's reader (a
+browser's frames never make it wait: see :mod:`~greentask.gateway.frames`).
+One sweep every :data:`WATCH_INTERVAL` answers a call whose reply is overdue
+(``TaskTimeout``) and closes idle sockets. A message that does not start with ``{`` runs
 ``default_function`` with its text and is answered with the plain text
 ``task complete``, as the PHP original does. ``GET /`` is a demo page,
 ``GET /healthz`` says whether a task server answers and ``GET /metrics``
@@ -33,7 +37,6 @@ from typing import Any
 
 import gevent
 import ujson
-from gevent.lock import BoundedSemaphore
 
 from greentask.client import TaskClient, TaskHandle
 from greentask.config import Config, check_gateway_tls, load
@@ -105,8 +108,8 @@ class Gateway:
         self.admission = SocketAdmission(self.settings.allowed_origins,
                                          self.settings.allow_no_origin,
                                          load_authorize(self.settings.authorize))
-        #: Task permits of this process, over all its sockets.
-        self.process_permits = BoundedSemaphore(self.settings.max_inflight)
+        #: The calls in flight of this process, over all its sockets, oldest first.
+        self.calls: dict[TaskHandle, BrowserCall] = {}
         handshake.install(handshake.Policy(
             self.settings.max_message, self.settings.compression,
             self.settings.compression_window_bits, self.admission.check))
@@ -187,8 +190,9 @@ class Gateway:
         return True
 
     def serve_socket(self, socket: Any) -> None:
-        """Read messages until the browser leaves; each runs in its own greenlet."""
-        tasks = SocketTasks(self.settings.max_inflight_per_socket)
+        """Read messages until the browser leaves; each one's task is sent from here and
+        answered by its handle's done-callback."""
+        tasks = SocketTasks()
         self.sockets[socket] = time.monotonic()
         metrics.SOCKETS_OPENED.inc()
         metrics.SOCKETS_OPEN.inc()
@@ -211,15 +215,16 @@ class Gateway:
             metrics.TALLY.flush()
 
     def _watch_sockets(self, server: Any) -> None:
-        # One sweep for every socket's idle timeout: a timer per receive cost
-        # more than the rest of the socket's reading.
+        # One sweep for every socket's idle timeout and every call's deadline:
+        # a timer per receive or per call cost more than the rest of a message.
         idle_timeout = self.settings.idle_timeout
         while not server.closed:
             gevent.sleep(WATCH_INTERVAL)
-            idle_since = time.monotonic() - idle_timeout
+            now = time.monotonic()
             for socket, last_message in list(self.sockets.items()):
-                if last_message < idle_since:
+                if last_message < now - idle_timeout:
                     socket.close(frames.CLOSE_NORMAL, "idle timeout")
+            self._expire_calls(now)
         # gunicorn stops a gevent worker by closing its server, then waits up
         # to graceful_timeout for handlers to end: tell each browser at once
         # (1001 going away) so it can reconnect to another worker.
@@ -227,8 +232,17 @@ class Gateway:
             socket.close(frames.CLOSE_GOING_AWAY, "server is stopping")
         metrics.TALLY.flush()
 
+    def _expire_calls(self, now: float) -> None:
+        """Answer the calls no reply came for by their deadline (the oldest come first)."""
+        while self.calls:
+            handle, call = next(iter(self.calls.items()))
+            if call.deadline > now:
+                return
+            self._answered(handle, call)
+            handle.cancel()  # do not leave it running on the task server
+            self._send_error(call, handle.no_reply_in(handle.reply_wait))
+
     def _read_messages(self, socket: Any, tasks: SocketTasks) -> None:
-        socket_permits = tasks.permits
         sockets = self.sockets
         while True:
             message = socket.receive()
@@ -239,46 +253,37 @@ class Gateway:
             if cancelled is not _NOT_A_CANCEL:
                 handle = tasks.handles.get(cancelled)
                 if handle is not None:
-                    handle.cancel()  # its "cancelled" event ends the task's own greenlet
+                    handle.cancel()  # its "cancelled" event answers the message
                 continue
-            if not socket_permits.acquire(blocking=False):
+            if tasks.in_flight >= self.settings.max_inflight_per_socket:
                 self._send(socket, error_event(
                     _message_id(message), "Overloaded",
                     f"more than {self.settings.max_inflight_per_socket} tasks in flight on "
                     "this socket; wait for some to complete"))
                 continue
-            if not self.process_permits.acquire(blocking=False):
-                socket_permits.release()
+            if len(self.calls) >= self.settings.max_inflight:
                 self._send(socket, error_event(
                     _message_id(message), "Overloaded",
                     "the gateway is running as many tasks as it may; try again in a moment"))
                 continue
-            # A raw greenlet: nothing joins or kills it, and a Greenlet with
-            # its links cost a tenth of the message's time.
-            gevent.spawn_raw(self._run_message, socket, message, tasks)
+            self._start_message(socket, message, tasks)
         # Results still coming for this socket are dropped (and counted) in _send.
 
-    def _run_message(self, socket: Any, message: str | bytes, tasks: SocketTasks) -> None:
+    def _start_message(self, socket: Any, message: str | bytes, tasks: SocketTasks) -> None:
+        if isinstance(message, bytes):
+            message = message.decode("utf-8", "replace")
+        if not message.lstrip().startswith("{"):
+            self._call(BrowserCall(socket, tasks, self.settings.default_function, plain=True),
+                       [message])
+            return
         try:
-            if isinstance(message, bytes):
-                message = message.decode("utf-8", "replace")
-            if not message.lstrip().startswith("{"):
-                self._run_plain(socket, message)
-                return
-            try:
-                request = ujson.loads(message)
-            except ValueError as exc:
-                self._send(socket, error_event(None, "BadRequest", f"not valid JSON ({exc}); "
-                                               'send {"function": ..., "args": ..., "id": ...}'))
-                return
-            self._run_request(socket, request, tasks)
-        finally:
-            self.process_permits.release()
-            tasks.permits.release()
-
-    def _run_request(self, socket: Any, request: dict[str, Any], tasks: SocketTasks) -> None:
-        request_id = request.get("id")
-        function, args = request.get("function"), request.get("args")
+            request = ujson.loads(message)
+        except ValueError as exc:
+            self._send(socket, error_event(None, "BadRequest", f"not valid JSON ({exc}); "
+                                           'send {"function": ..., "args": ..., "id": ...}'))
+            return
+        request_id, function, args = request.get("id"), request.get("function"), \
+            request.get("args")
         if not isinstance(function, str) or function not in self.settings.expose:
             callable_ = ", ".join(self.settings.expose)
             log.info("a browser at %s asked for %r, which [gateway] expose does not list (%s); "
@@ -293,36 +298,53 @@ class Gateway:
             self._send(socket, error_event(request_id, "BadRequest",
                                            '"args" must be an object or an array'))
             return
+        self._call(BrowserCall(socket, tasks, function, request_id=request_id), args)
 
-        def relay(value: Any) -> None:
-            self._send(socket, {"id": request_id, "event": "progress", "progress": value})
-        handle = self.client.apply(function, args, on_progress=relay)
-        if request_id is not None:
-            tasks.handles[request_id] = handle
+    def _call(self, call: BrowserCall, args: list[Any] | dict[str, Any] | None) -> None:
+        """Send the task; its reply answers the browser from the done-callback, so no
+        greenlet waits for it."""
+        relay = None
+        if not call.plain:
+            def relay(value: Any) -> None:
+                self._send(call.socket, {"id": call.request_id, "event": "progress",
+                                         "progress": value}, droppable=True)
+        handle = self.client.apply(call.function, args, on_progress=relay)
+        call.deadline = time.monotonic() + handle.reply_wait
+        call.tasks.in_flight += 1
+        if call.request_id is not None and not call.plain:
+            call.tasks.handles[call.request_id] = handle
+        self.calls[handle] = call
+        handle.add_done_callback(self._answer)
+
+    def _answered(self, handle: TaskHandle, call: BrowserCall) -> None:
+        del self.calls[handle]
+        call.tasks.in_flight -= 1
+        if call.tasks.handles.get(call.request_id) is handle:
+            del call.tasks.handles[call.request_id]
+
+    def _answer(self, handle: TaskHandle) -> None:
+        call = self.calls.get(handle)
+        if call is None:
+            return  # answered already: its deadline passed
+        self._answered(handle, call)
         try:
-            result = handle.get()
+            result = handle.get(0)
         except Cancelled as exc:
-            self._send(socket, {"id": request_id, "event": "cancelled", "message": exc.message,
-                                "result": exc.result})
-            return
+            self._send(call.socket, {"id": call.request_id, "event": "cancelled",
+                                     "message": exc.message, "result": exc.result})
         except GreentaskError as exc:
-            self._send(socket, error_event(request_id, *self._describe(exc, socket, function)))
-            return
-        finally:
-            if tasks.handles.get(request_id) is handle:
-                del tasks.handles[request_id]
-        self._send(socket, {"id": request_id, "event": "complete", "message": "task complete",
-                            "result": result})
+            self._send_error(call, exc)
+        else:
+            if call.plain:
+                metrics.TALLY.messages["complete"] += 1
+                self._send_text(call.socket, "task complete")
+            else:
+                self._send(call.socket, {"id": call.request_id, "event": "complete",
+                                         "message": "task complete", "result": result})
 
-    def _run_plain(self, socket: Any, text: str) -> None:
-        try:
-            self.client.apply(self.settings.default_function, [text]).get()
-        except GreentaskError as exc:
-            self._send(socket, error_event(
-                None, *self._describe(exc, socket, self.settings.default_function)))
-            return
-        metrics.TALLY.messages["complete"] += 1
-        self._send_text(socket, "task complete")
+    def _send_error(self, call: BrowserCall, exc: GreentaskError) -> None:
+        self._send(call.socket, error_event(call.request_id,
+                                            *self._describe(exc, call.socket, call.function)))
 
     def _describe(self, exc: GreentaskError, socket: Any, function: str) -> tuple[str, str]:
         """The error's type and what the browser is told; the operator's detail is logged."""
@@ -335,29 +357,47 @@ class Gateway:
                     detail)
         return kind, detail if self.debug else words
 
-    def _send(self, socket: Any, event: dict[str, Any]) -> None:
+    def _send(self, socket: Any, event: dict[str, Any], droppable: bool = False) -> None:
         kind = event["event"]
         if kind != "progress":
             metrics.TALLY.messages[kind if kind != "error" else event["error"]["type"]] += 1
-        self._send_text(socket, ujson.dumps(event, ensure_ascii=False))
+        self._send_text(socket, ujson.dumps(event, ensure_ascii=False), droppable)
 
-    def _send_text(self, socket: Any, text: str) -> None:
+    def _send_text(self, socket: Any, text: str, droppable: bool = False) -> None:
         if socket.closed:
             metrics.TALLY.dropped += 1
             return
         try:
-            socket.send(text)
-        except Exception:  # the browser went away mid-send: drop, count, go on
+            if not socket.send(text, droppable):
+                metrics.TALLY.dropped += 1  # progress, for a browser that does not read
+        except OSError:  # the browser went away: drop, count, go on
             metrics.TALLY.dropped += 1
 
 
 class SocketTasks:
-    """One browser socket's tasks: the permits they hold, and their handles by the
+    """One browser socket's tasks: how many are in flight, and their handles by the
     browser's id (for a cancel message)."""
 
-    def __init__(self, limit: int) -> None:
-        self.permits = BoundedSemaphore(limit)
+    def __init__(self) -> None:
+        self.in_flight = 0
         self.handles: dict[Any, TaskHandle] = {}
+
+
+class BrowserCall:
+    """One browser message's task, from its send to its one answer."""
+
+    __slots__ = ("deadline", "function", "plain", "request_id", "socket", "tasks")
+
+    def __init__(self, socket: Any, tasks: SocketTasks, function: str,
+                 request_id: Any = None, plain: bool = False) -> None:
+        self.socket = socket
+        self.tasks = tasks
+        self.function = function
+        self.request_id = request_id
+        #: The seed's plain-text contract: answered "task complete", no events.
+        self.plain = plain
+        #: When the gateway stops waiting for the reply (monotonic seconds).
+        self.deadline = 0.0
 
 
 #: What :func:`_cancel_id` returns for a message that is not a cancel.

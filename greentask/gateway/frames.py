@@ -16,8 +16,14 @@ it. :class:`FramedSocket` only moves bytes and enforces the gateway's limits:
 - whatever wsproto refuses (a control frame over 125 bytes, a close code
   that must not be sent, a close frame of one byte, text that cannot be
   UTF-8, as soon as its bytes show it) becomes the close code wsproto names;
-- every frame written, from any greenlet (a task's reply, a pong, a close),
-  goes out under one lock, whole;
+- a frame written, from any greenlet (a task's reply, a pong, a close), never
+  blocks its writer: it goes to the socket at once if the socket takes it
+  whole, else to the socket's outbox, which a greenlet of its own drains in
+  order. A task connection's reader can therefore hand replies to a browser
+  that reads slowly without stalling everyone else's. While the outbox holds
+  more than :data:`OUTBOX_HIGH_WATER` bytes, the reader stops reading the
+  browser's messages (so no new tasks start) and droppable messages
+  (progress) are dropped;
 - a close the gateway starts (1001 when gunicorn stops the worker) is
   finished by the reader when the browser's own close frame comes; after
   :data:`CLOSE_WAIT` seconds without it the socket is shut;
@@ -35,12 +41,14 @@ into a large allocation.
 
 from __future__ import annotations
 
+import collections
 import socket
 import zlib
 from typing import Any
 
 import gevent
-from gevent.lock import RLock
+import gevent.event
+import gevent.ssl
 from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import (
     BytesMessage,
@@ -61,6 +69,9 @@ CLOSE_TOO_BIG = 1009
 READ_SIZE = 64 * 1024
 #: Seconds the reader waits for the browser's close frame after the gateway's.
 CLOSE_WAIT = 2.0
+#: Bytes waiting for a browser past which the gateway stops reading its
+#: messages and drops its progress events.
+OUTBOX_HIGH_WATER = 1 << 20
 
 
 class FrameLimit(Extension):
@@ -164,7 +175,16 @@ class FramedSocket:
         self._rfile = handler.rfile
         self._connection = Connection(ConnectionType.SERVER,
                                       [FrameLimit(max_message), *extensions])
-        self._write_lock = RLock()
+        # gevent's TLS socket waits even when told not to: its writes all go
+        # through the outbox.
+        self._write_now = not isinstance(self._socket, gevent.ssl.SSLSocket)
+        #: Frames the socket has not taken yet, oldest first, and their size.
+        self._outbox: collections.deque[bytes | memoryview] = collections.deque()
+        self.outbox_size = 0
+        self._drained = gevent.event.Event()
+        self._drained.set()
+        #: A write failed: the browser is gone, nothing more is written.
+        self._broken = False
         #: The parts of the message being received, and their size.
         self._parts: list[Any] = []
         self._size = 0
@@ -191,6 +211,8 @@ class FramedSocket:
                 # A Pong needs nothing.
             if self._connection.state is ConnectionState.CLOSED:
                 return None
+            if self.outbox_size > OUTBOX_HIGH_WATER:
+                self._drained.wait()  # the browser reads nothing: start nothing new
             try:
                 data = self._rfile.read1(READ_SIZE)
             except OSError:
@@ -227,6 +249,7 @@ class FramedSocket:
     def _fail(self, code: int, reason: str) -> None:
         """Close with ``code``, stop writing, and discard input for a moment (linger)."""
         self.close(code, reason)
+        self._drained.wait(CLOSE_WAIT)  # the close frame first
         try:
             self._socket.shutdown(socket.SHUT_WR)
             with gevent.Timeout(CLOSE_WAIT, False):
@@ -237,12 +260,17 @@ class FramedSocket:
 
     # -- writing (any greenlet) --------------------------------------------
 
-    def send(self, message: str | bytes) -> None:
-        """Send one message (text for ``str``); raises ``OSError`` once the socket closed."""
+    def send(self, message: str | bytes, droppable: bool = False) -> bool:
+        """Send one message (text for ``str``) without waiting; raises ``OSError`` once
+        the socket closed. A ``droppable`` one is dropped (False) while the browser
+        is not reading (past :data:`OUTBOX_HIGH_WATER`)."""
+        if droppable and self.outbox_size > OUTBOX_HIGH_WATER:
+            return False
         event = TextMessage(data=message) if isinstance(message, str) else \
             BytesMessage(data=message)
         if not self._write(event):
             raise OSError("the WebSocket is closed")
+        return True
 
     def close(self, code: int = CLOSE_NORMAL, reason: str = "") -> None:
         """Send a close frame with ``code`` and ``reason``; the reader then finishes it,
@@ -261,14 +289,47 @@ class FramedSocket:
                 pass
 
     def _write(self, event: Any) -> bool:
-        with self._write_lock:
-            try:
-                data = self._connection.send(event)
-            except LocalProtocolError:  # closing or closed already
-                return False
-            try:
-                self._socket.sendall(data)
-            except OSError:
-                self.closed = True
-                return False
+        # Never waits, so frames from different greenlets cannot interleave.
+        if self._broken:
+            return False
+        try:
+            data: bytes | memoryview = self._connection.send(event)
+        except LocalProtocolError:  # closing or closed already
+            return False
+        if self._outbox or not self._write_now:
+            return self._queue(data)
+        try:
+            sent = self._socket.send(data, 0, 0.0)  # gevent's: no wait
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._break()
+            return False
+        if sent < len(data):
+            return self._queue(memoryview(data)[sent:])
         return True
+
+    def _queue(self, data: bytes | memoryview) -> bool:
+        self._outbox.append(data)
+        self.outbox_size += len(data)
+        if len(self._outbox) == 1:
+            self._drained.clear()
+            gevent.spawn_raw(self._drain)
+        return True
+
+    def _drain(self) -> None:
+        try:
+            while self._outbox:
+                data = self._outbox[0]
+                self._socket.sendall(data)
+                self._outbox.popleft()
+                self.outbox_size -= len(data)
+        except OSError:
+            self._break()
+        finally:
+            self._drained.set()
+
+    def _break(self) -> None:
+        self.closed = self._broken = True
+        self._outbox.clear()
+        self.outbox_size = 0
