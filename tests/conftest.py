@@ -263,7 +263,8 @@ class Gateway:
     """gunicorn with the design card's -k command line, stopped by pid in teardown."""
 
     def __init__(self, tmp_path: Path, task_servers: str, use_conf_file: bool = False,
-                 workers: int = 1, **settings: object) -> None:
+                 workers: int = 1, gunicorn_args: tuple[str, ...] = (),
+                 **settings: object) -> None:
         self.port = free_port()
         # Like an operator: the origin its pages are served from.
         settings.setdefault("allowed_origins", f"http://127.0.0.1:{self.port}")
@@ -279,7 +280,7 @@ class Gateway:
             ["-k", WORKER_CLASS, "--no-control-socket"]
         self.proc = subprocess.Popen(
             [GUNICORN, *how, "-b", f"127.0.0.1:{self.port}", "-w", str(workers),
-             "greentask.ws:app"], cwd=ROOT,
+             *gunicorn_args, "greentask.ws:app"], cwd=ROOT,
             stdout=log, stderr=subprocess.STDOUT,
             env={**os.environ, "GREENTASK_CONFIG": str(self.config)})
         log.close()

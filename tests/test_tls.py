@@ -197,6 +197,33 @@ def _check(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
                           timeout=30)
 
 
+def test_browsers_speak_wss_to_a_gateway_that_serves_tls_itself(daemon, certs, make_gateway):
+    # gunicorn's own TLS: the frames go out through gevent's TLS socket,
+    # which cannot write without waiting, so every one goes through the
+    # socket's outbox and its drainer.
+    import websocket
+    gateway = make_gateway(daemon, allow_no_origin="true", expose="echo, steps.count",
+                           gunicorn_args=("--certfile", str(certs.certfile),
+                                          "--keyfile", str(certs.keyfile)))
+    ws = websocket.create_connection(f"wss://127.0.0.1:{gateway.port}/ws", timeout=20,
+                                     suppress_origin=True,
+                                     sslopt={"ca_certs": str(certs.ca_file)})
+    for _ in range(5):  # ten at a time: [gateway] max_inflight_per_socket is 16
+        for i in range(10):
+            ws.send(f"hello {i}")
+        assert [ws.recv() for _ in range(10)] == ["task complete"] * 10
+    blob = "x" * 60_000
+    for i in range(10):
+        ws.send(json.dumps({"function": "echo", "args": [blob, i], "id": i}))
+    events = [json.loads(ws.recv()) for _ in range(10)]
+    assert sorted(event["result"][1] for event in events) == list(range(10))
+    assert all(event["result"][0] == blob for event in events)
+    ws.send(json.dumps({"function": "steps.count", "args": [3], "id": "s"}))
+    kinds = [json.loads(ws.recv())["event"] for _ in range(4)]
+    assert kinds == ["progress", "progress", "progress", "complete"]
+    ws.close()
+
+
 def test_bad_tls_files_are_refused_at_start(certs, tmp_path):
     certs.keyfile.chmod(0o644)
     result = _check({"GREENTASK_WORKER_CERTFILE": str(certs.certfile),
