@@ -127,3 +127,11 @@ def floods_progress(count: int, size: int) -> int:
     for step in range(count):
         progress({"step": step, "blob": blob})
     return count
+
+
+@task
+def until_exists(path: str) -> str:
+    """Runs until ``path`` exists: a test says when, however long it takes to set up."""
+    while not os.path.exists(path):
+        time.sleep(0.5)
+    return path

@@ -8,7 +8,6 @@ import resource
 import signal
 import socket
 import threading
-import time
 import urllib.request
 
 import pytest
@@ -18,9 +17,6 @@ from .conftest import wait_until
 from .ws_peer import TEXT, Peer
 
 pytestmark = pytest.mark.timeout(120)
-
-#: How long each vanishing browser's task runs (it must outlive the connecting).
-TASK_SECONDS = 10
 
 
 def scrape(gateway) -> dict[tuple[str, tuple], float]:
@@ -86,50 +82,60 @@ def test_keeps_serving_while_the_task_servers_reload_and_restart(make_daemon, ma
         except BaseException as exc:
             errors.append(exc)
 
+    def more_finals(count: int, what: str) -> None:
+        # Phases end on progress, not on time: a loaded machine serves fewer
+        # messages per second, never none.
+        target = len(finals) + count
+        wait_until(lambda: len(finals) >= target or errors, 60, what)
+        assert not errors, errors[:3]
+
     threads = [threading.Thread(target=browser, args=(n,)) for n in range(20)]
     for thread in threads:
         thread.start()
-    time.sleep(1)
+    more_finals(50, "the browsers to be served")
     for _ in range(2):  # reloads lose nothing
+        old = set(daemon.children())
         daemon.signal(signal.SIGHUP)
-        time.sleep(1.5)
+        daemon.wait_for_children(2, 30, exclude=old)
+        more_finals(50, "messages served by the reloaded workers")
     during_reloads = len(finals)
     assert all(event["event"] == "complete" for event in finals[:during_reloads])
     daemon.signal(signal.SIGTERM)  # a full restart: calls fail, each with an error event
     assert daemon.wait(15) == 0
-    time.sleep(1)
+    more_finals(20, "error events while no task server runs")
     daemon.start()
-    time.sleep(1.5)
+    restarted = len(finals)
+    wait_until(lambda: any(event["event"] == "complete" for event in finals[restarted:]),
+               30, "a message served again after the restart")
     stop.set()
     for thread in threads:
         thread.join(30)
     assert not errors, errors[:3]
-    assert during_reloads > 200
     kinds = {event["event"] if event["event"] == "complete" else event["error"]["type"]
              for event in finals}
     assert kinds <= {"complete", "ConnectionFailed", "WorkerLost"}, kinds
-    assert finals[-1]["event"] == "complete"  # served again after the restart
     assert gateway.proc.poll() is None
     print(f"gateway under restarts: {len(finals)} messages, {during_reloads} during 2 reloads "
           f"(all complete); kinds: {sorted(kinds)}")
 
 
-def test_a_thousand_browsers_vanish_without_a_close_frame(daemon, make_gateway):
+def test_a_thousand_browsers_vanish_without_a_close_frame(daemon, make_gateway, tmp_path):
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < 4096 <= hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (4096, hard))
-    gateway = make_gateway(daemon, max_inflight=1100)  # every vanished tab's task runs
+    gateway = make_gateway(daemon, max_inflight=1100,  # every vanished tab's task runs
+                           expose="echo, until_exists")
+    release = tmp_path / "release"
     vanished = []
-    started = time.monotonic()
     for i in range(1000):
         ws = gateway.connect()
-        ws.send(json.dumps({"function": "sleep", "args": [TASK_SECONDS], "id": i}))
+        # Every task runs until the file exists: still running when its browser vanishes.
+        ws.send(json.dumps({"function": "until_exists", "args": [str(release)], "id": i}))
         vanished.append(ws)
-    # Every task must still be running when its browser vanishes.
-    assert time.monotonic() - started < TASK_SECONDS - 1
     for ws in vanished:
         ws.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
         ws.sock.close()  # a reset, no close frame: a crashed tab or a lost network
+    release.touch()
     survivor = gateway.connect()
     survivor.send(json.dumps({"function": "echo", "args": ["still here"], "id": 1}))
     assert json.loads(survivor.recv())["result"] == ["still here"]
