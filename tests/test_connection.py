@@ -33,6 +33,7 @@ def tasks() -> Registry:
     registry = Registry()
     registry.add(lambda value: value, "echo")
     registry.add(lambda: RELEASE.wait(), "hold")
+    registry.add(lambda value: RELEASE.wait() and value, "echo_when_released")
     return registry
 
 
@@ -119,7 +120,7 @@ def test_bad_lines_are_answered_and_the_connection_keeps_serving(make_server):
     assert peer.read()["error"]["type"] == "BadRequest"
     assert peer.read() == {"id": 1, "ok": False, "error": {
         "type": "UnknownFunction", "message": "no task named 'nope'; this server has "
-        "['echo', 'hold'] (add its module to [worker] tasks)"}}
+        "['echo', 'echo_when_released', 'hold'] (add its module to [worker] tasks)"}}
     assert peer.read() == {"ok": True, "result": 2}
 
 
@@ -208,33 +209,48 @@ def stack_room() -> int:
     return down(0)
 
 
+#: Frames between a reader greenlet's start and a task it runs itself
+#: (handle_connection ... Connection._read_loop, _handle_line, submit).
+READ_PATH_FRAMES = 12
+
+
 def test_tasks_start_in_greenlets_as_shallow_as_the_hubs(make_server):
     # Greenlets inherit the stack depth they are first switched to from. One
     # created by a reader (say, to start a task at once) would start at the
     # reader's depth, readers it later served deeper still, until
     # RecursionError closed connections under load: seen at 512 connections
-    # when tasks were started that way. Task greenlets are made by the hub.
+    # when tasks were started that way. Task and reader greenlets are made by
+    # the hub; a task that runs in its reader is only the read path deeper.
     server = make_server()
-    server.runner.registry.add(stack_room, "room")
+
+    def room(wait: bool) -> int:
+        if wait:  # reading is handed over to another greenlet meanwhile
+            gevent.sleep(0)
+        return stack_room()
+
+    server.runner.registry.add(room, "room")
     rooms = set()
     for round_number in range(6):
         # More peers each round, so each round needs new greenlets.
         peers = [Peer(port_of(server)) for _ in range(2 + 4 * round_number)]
         for peer in peers:
-            peer.send(*({"function": "room", "id": i} for i in range(4)))
+            peer.send(*({"function": "room", "args": [i % 2 == 0], "id": i}
+                        for i in range(4)))
         for peer in peers:
             replies = [peer.read() for _ in range(4)]
             assert all(reply and reply["ok"] for reply in replies), replies
             rooms.update(reply["result"] for reply in replies)
             peer.close()
         green_wait(lambda: not server.connections, 5, "the peers to be gone")
-    # The same task in a greenlet the hub made: every task above had as much room.
+    # The same task in a greenlet the hub made: every task above had as much
+    # room, less the read path's frames; more rounds never took more.
     runner, owner = server.runner, Replies()
     runner.kill_idle()
     runner._idle_greenlets.clear()
-    runner.spawn(runner._run, Request("room", [], 0), stack_room, owner)
+    runner.spawn(runner._run, Request("room", [False], 0), room, owner)
     green_wait(lambda: owner.finished, 5, "the reference task")
-    assert min(rooms) >= owner.final(0)["result"] - 2, (sorted(rooms), owner.lines)
+    assert min(rooms) >= owner.final(0)["result"] - READ_PATH_FRAMES, (sorted(rooms),
+                                                                       owner.lines)
 
 
 def test_a_drain_tells_a_peer_that_sent_nothing_yet_and_answers_what_it_sends(make_server):
@@ -284,19 +300,38 @@ def test_a_drain_answers_every_line_an_id_less_peer_already_sent(make_server):
     green_wait(lambda: server._stopped.is_set(), 5, "the drain to end")
 
 
-def flood_without_reading(server: ProcessServer, requests: int) -> tuple[Connection, Any]:
+def flood_without_reading(server: ProcessServer, requests: int,
+                          function: str = "echo") -> tuple[Connection, Any]:
     """A peer that sends ``requests`` 60 KB echoes and reads none of the replies."""
     peer = Peer(port_of(server))
     peer.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     big = "x" * 60_000
-    sender = gevent.spawn(peer.send, *({"function": "echo", "args": [big], "id": i}
+    sender = gevent.spawn(peer.send, *({"function": function, "args": [big], "id": i}
                                        for i in range(requests)))
     return only_connection(server), sender
 
 
-def test_a_peer_that_never_reads_is_cut_off_at_max_queued_replies(make_server):
+def test_a_peer_that_never_reads_is_no_longer_read_past_the_high_water_mark(make_server):
+    # Tasks that never wait run in the reader, one line at a time: it stops
+    # reading as soon as its writer holds a quarter of max_queued_replies.
     server = make_server(max_queued_replies="512KiB")
     connection, sender = flood_without_reading(server, 400)
+    green_wait(lambda: not connection.writer.writable.is_set(), 10, "the writer to stall")
+    done = server.slot.get(scoreboard.DONE)
+    gevent.sleep(0.1)
+    assert server.slot.get(scoreboard.DONE) == done  # nothing more is read or run
+    assert connection.writer.size <= 512 * 1024 // 4 + 2 * 70_000
+    assert server.connections  # cut off by idle_timeout, not by the bound
+    sender.kill()
+
+
+def test_a_peer_that_never_reads_is_cut_off_at_max_queued_replies(make_server):
+    # Tasks that wait run beside the reader, which goes on reading: their
+    # replies can pass the high-water mark, never max_queued_replies.
+    server = make_server(max_queued_replies="512KiB")
+    connection, sender = flood_without_reading(server, 400, "echo_when_released")
+    green_wait(lambda: len(server.runner.running) >= 12, 10, "12 tasks waiting")
+    RELEASE.set()  # 12 replies of 60 KB at once: past the bound
     largest = 0
     deadline = time.monotonic() + 10
     while server.connections and time.monotonic() < deadline:

@@ -29,6 +29,13 @@ The reader is never stopped with ``shutdown(SHUT_RD)`` (a later close with
 unread input would reset): when it waits for input or for its writer, it is
 woken with :class:`StopReading` instead.
 
+A request with an id runs in the reader's own greenlet, so a task that
+never waits is answered before the next read, with no greenlet switch.
+When such a task waits, the runner calls :meth:`Connection._hand_over_reading`
+from the event loop: another greenlet becomes the reader and goes on with
+the lines already read. The greenlet that began serving stays the one
+that ends it: once its task is done, it waits for the last reader.
+
 A connection is in one :class:`Phase` at a time, changed only by
 :meth:`Connection._enter`, which checks the move against :data:`PHASE_MOVES`
 (:func:`greentask.daemon.lifecycle.check_move`).
@@ -36,11 +43,13 @@ A connection is in one :class:`Phase` at a time, changed only by
 
 from __future__ import annotations
 
+import collections
 import enum
 import hmac
 import logging
 import socket
 import time
+from collections.abc import Callable
 
 import gevent
 import greenlet
@@ -66,6 +75,14 @@ log = logging.getLogger("greentask.worker")
 RECV_SIZE = 64 * 1024
 #: After telling an idle pipelining peer to close, how long to wait for it (seconds).
 IDLE_GRACE = 10.0
+
+
+def _pending_watchers() -> Callable[[], int]:
+    """How many event-loop watchers are ready and not yet run, this turn."""
+    loop = gevent.get_hub().loop
+    if hasattr(type(loop), "pendingcnt"):  # libev, gevent's default loop
+        return lambda: loop.pendingcnt
+    return lambda: 1  # libuv does not tell: always join the turn's batch
 
 
 class StopReading(Exception):
@@ -133,6 +150,10 @@ class Connection:
         #: (the only places it may be woken with StopReading).
         self._reader: greenlet.greenlet | None = None
         self._parked = False
+        #: Lines read and not yet handled: a reader that took over goes on with them.
+        self._lines: collections.deque[bytes] = collections.deque()
+        #: Set once the last reader stopped reading (whichever greenlet it was).
+        self._reading_ended = Event()
         #: True once the peer ended its side (end of stream or a reset).
         self._peer_done = False
         #: True once closed to make room for a new client.
@@ -143,6 +164,8 @@ class Connection:
         self.runner = runner
         self._lookup = runner.registry.lookup
         self._submit = runner.submit
+        self._spawn = runner.spawn
+        self._pending_watchers = _pending_watchers()
 
     def _enter(self, phase: Phase, now: float | None = None) -> None:
         """Move to ``phase`` (at ``now``); the one place a connection's phase changes."""
@@ -154,17 +177,10 @@ class Connection:
 
     def serve(self) -> None:
         """Run until the peer closes (or half-closes) and every reply is sent."""
-        self._reader = greenlet.getcurrent()
         try:
-            self._read_loop()
-        except StopReading:
-            pass
+            self._read()
+            self._reading_ended.wait()  # reading was handed over: the last reader ends it
         finally:
-            self._parked = False
-            if self._peer_done:
-                # Its requests that asked for it are cancelled; the others
-                # finish (a peer that half-closed after sending gets its replies).
-                self.runner.cancel_on_disconnect(self)
             self._idle.wait()
             self.writer.wait_flushed()
             if self.writer.cut_off_reason:
@@ -179,6 +195,31 @@ class Connection:
                 # Closed on purpose, the peer perhaps still sending: FIN after
                 # the replies, and its unread lines discarded, never reset.
                 linger(self.sock)
+
+    def _read(self) -> None:
+        """Be the reader until reading ends or is handed over to another greenlet."""
+        current = self._reader = greenlet.getcurrent()
+        handed_over = False
+        try:
+            handed_over = self._read_loop(current)
+        except StopReading:
+            pass
+        finally:
+            if not handed_over:
+                self._parked = False
+                if self._peer_done:
+                    # Here, not in serve(): the greenlet that began serving
+                    # may be inside one of these tasks. The others finish (a
+                    # peer that half-closed after sending gets its replies).
+                    self.runner.cancel_on_disconnect(self)
+                self._reading_ended.set()
+
+    def _hand_over_reading(self) -> None:
+        # Called from the hub when a task running in the reader waits: a
+        # greenlet the hub starts (as shallow as any) reads meanwhile.
+        if not self._reading_ended.is_set():
+            self._reader = None
+            self._spawn(self._read)
 
     def _close(self, now: float | None = None) -> None:
         """Read no more; the replies go out, then the connection closes (with a linger)."""
@@ -252,30 +293,43 @@ class Connection:
         if self.inflight < self._max_inflight:
             self._below_limit.set()
 
-    def _read_loop(self) -> None:
+    def _read_loop(self, current: greenlet.greenlet) -> bool:
+        """Read and handle lines; True when another greenlet took over reading."""
         writer = self.writer
         writable = writer.writable
         recv = self.sock.recv
-        while self.phase is not Phase.CLOSING and not writer.broken:
+        lines = self._lines
+        pending_watchers = self._pending_watchers
+        while True:
+            while lines:
+                self._handle_line(lines.popleft())
+                if self._reader is not current:
+                    return True
+            if self.decoder.too_large:
+                self.send(encode_error(None, self.decoder.too_large_error()))
+                self._enter(Phase.CLOSING)
+            if self.phase is Phase.CLOSING or writer.broken:
+                return False
+            if not pending_watchers():
+                # Nothing else is ready in this loop turn: the replies go out
+                # before the next read, as a bare server's would (the peer's
+                # next request may then be there already). Otherwise they join
+                # the turn's batch: writing while other peers wait costs more.
+                writer.flush()
             self._parked = True
             try:
                 writable.wait()
                 data = recv(RECV_SIZE)
             except OSError:
                 self._peer_done = True
-                return
+                return False
             finally:
                 self._parked = False
             if not data:
                 self._peer_done = True
-                return
+                return False
             self.last_active = time.monotonic()
-            for line in self.decoder.feed(data):
-                self._handle_line(line)
-            if self.decoder.too_large:
-                self.send(encode_error(None, self.decoder.too_large_error()))
-                self._enter(Phase.CLOSING)
-                return
+            lines.extend(self.decoder.feed(data))
             if not self.decoder.buffered:
                 self._partial_since = None
             elif self._partial_since is None:
@@ -358,7 +412,7 @@ class Connection:
             self._below_limit.wait()  # backpressure: this peer's requests wait in TCP
         self.inflight += 1
         self._idle.clear()
-        self._submit(request, function, self)
+        self._submit(request, function, self, self._hand_over_reading)
 
     def _refuse(self, line: bytes) -> None:
         """Answer a line read after the connection began closing: it is not run."""

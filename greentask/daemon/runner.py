@@ -6,8 +6,10 @@ A :class:`TaskRunner` runs every task of its process. A connection hands it
 a parsed request, the task function and a :class:`TaskOwner` (what to send
 the replies to); the runner waits for one of ``[worker] concurrency`` task
 permits (a reader that cannot get one stops reading: backpressure), runs
-the task in a reused greenlet (or in the caller's, for a request without an
-``id``, which is answered before the next line is read anyway), bounds it
+the task in the caller's greenlet (for a request without an ``id``, which is
+answered before the next line is read anyway, and, when the caller can hand
+its other work over if the task waits, for any request) or in a reused
+greenlet, bounds it
 with a deadline, sends its progress and final reply to the owner, counts the
 outcome once, and tells the owner the task is done.
 
@@ -217,17 +219,34 @@ class TaskRunner:
 
     # -- tasks -------------------------------------------------------------
 
-    def submit(self, request: Request, function: Callable[..., Any], owner: TaskOwner) -> None:
+    def submit(self, request: Request, function: Callable[..., Any], owner: TaskOwner,
+               on_wait: Callable[[], None] | None = None) -> None:
         """Run ``request`` once a permit is free; its replies go to ``owner``.
 
         A request without an ``id`` runs in the calling greenlet (this
-        returns after its reply is queued); one with an ``id`` in its own.
+        returns after its reply is queued). One with an ``id`` runs in its
+        own greenlet, unless the caller gives ``on_wait``: then it runs in the
+        calling greenlet too, and ``on_wait()`` is called from the event loop
+        if the task waits (for I/O, a sleep, a lock), so the caller can carry
+        on its other work in another greenlet meanwhile.
         """
         self.permits.acquire()
         if request.id is None:
             self._run(request, function, owner)
-        else:
+        elif on_wait is None:
             self.spawn(self._run, request, function, owner)
+        else:
+            # Most tasks never wait: running them here saves two greenlet
+            # switches and a loop callback, and the reply goes out before the
+            # caller reads again (a round trip as short as a bare server's).
+            # A callback runs only once this greenlet yields to the hub, so it
+            # fires exactly when the task waits; a task that returns first
+            # stops it.
+            waited = self._loop.run_callback(on_wait)
+            try:
+                self._run(request, function, owner)
+            finally:
+                waited.stop()
 
     def find(self, owner: TaskOwner, request_id: Any) -> greenlet.greenlet | None:
         """The greenlet running the task of ``owner`` with ``request_id``, if any."""

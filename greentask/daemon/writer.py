@@ -4,7 +4,9 @@ Task greenlets must never block on a slow peer (they hold a task permit), so
 they only queue bytes here. Everything queued during one turn of the event
 loop is written at the end of that turn by a loop callback, with one
 non-blocking ``write``: no greenlet switch, one system call for many replies.
-Only when the socket does not take it all does a writer greenlet start,
+A reader with nothing else ready in its loop turn flushes at once
+(:meth:`ReplyWriter.flush`), so a lone peer's reply does not wait for the
+turn to end. Only when the socket does not take it all does a writer greenlet start,
 which waits for the peer to read. A TLS socket always uses the writer
 greenlet: its bytes must be encrypted, so a plain ``write`` cannot send them.
 """
@@ -91,6 +93,11 @@ class ReplyWriter:
         if not self._flush_scheduled and self._writer is None:
             self._flush_scheduled = True
             self._loop.run_callback(self._flush_without_blocking)
+
+    def flush(self) -> None:
+        """Send what is queued now, as far as the socket takes it without waiting."""
+        if self._flush_scheduled:
+            self._flush_without_blocking()
 
     def cut_off(self, reason: str) -> None:
         """Give up on a peer that reads nothing: shut the socket down, drop every reply."""
