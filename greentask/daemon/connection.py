@@ -49,7 +49,6 @@ import hmac
 import logging
 import socket
 import time
-from collections.abc import Callable
 
 import gevent
 import greenlet
@@ -75,14 +74,6 @@ log = logging.getLogger("greentask.worker")
 RECV_SIZE = 64 * 1024
 #: After telling an idle pipelining peer to close, how long to wait for it (seconds).
 IDLE_GRACE = 10.0
-
-
-def _pending_watchers() -> Callable[[], int]:
-    """How many event-loop watchers are ready and not yet run, this turn."""
-    loop = gevent.get_hub().loop
-    if hasattr(type(loop), "pendingcnt"):  # libev, gevent's default loop
-        return lambda: loop.pendingcnt
-    return lambda: 1  # libuv does not tell: always join the turn's batch
 
 
 class StopReading(Exception):
@@ -165,7 +156,7 @@ class Connection:
         self._lookup = runner.registry.lookup
         self._submit = runner.submit
         self._spawn = runner.spawn
-        self._pending_watchers = _pending_watchers()
+        self._pending_watchers = runner.pending_watchers
 
     def _enter(self, phase: Phase, now: float | None = None) -> None:
         """Move to ``phase`` (at ``now``); the one place a connection's phase changes."""

@@ -6,10 +6,8 @@ A :class:`TaskRunner` runs every task of its process. A connection hands it
 a parsed request, the task function and a :class:`TaskOwner` (what to send
 the replies to); the runner waits for one of ``[worker] concurrency`` task
 permits (a reader that cannot get one stops reading: backpressure), runs
-the task in the caller's greenlet (for a request without an ``id``, which is
-answered before the next line is read anyway, and, when the caller can hand
-its other work over if the task waits, for any request) or in a reused
-greenlet, bounds it
+the task in the caller's greenlet (or, for a caller that cannot hand its
+other work over when the task waits, in a reused greenlet), bounds it
 with a deadline, sends its progress and final reply to the owner, counts the
 outcome once, and tells the owner the task is done.
 
@@ -171,6 +169,11 @@ class TaskRunner:
         self._busy_greenlets = 0
         self._peak_busy_greenlets = 0
         self._loop = gevent.get_hub().loop
+        #: How many event-loop watchers are ready and not yet run in this turn
+        #: (libev tells; libuv does not, and then it is always 1).
+        self.pending_watchers: Callable[[], int] = (
+            (lambda loop=self._loop: loop.pendingcnt)
+            if hasattr(type(self._loop), "pendingcnt") else (lambda: 1))
         #: The last progress value of each running task that reports progress.
         self.last_progress: dict[greenlet.greenlet, Any] = {}
         #: The last failures, newest last: (time.time(), function, error type, message).

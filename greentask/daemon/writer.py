@@ -18,6 +18,7 @@ import os
 import socket
 import ssl
 import time
+from typing import Any
 
 import gevent
 import gevent.socket
@@ -68,7 +69,8 @@ class ReplyWriter:
         self._outbox: list[bytes] = []
         #: What the write loop is sending now (taken out of the outbox).
         self._sending = b""
-        self._flush_scheduled = False
+        #: The loop callback that sends this turn's replies, while one is due.
+        self._flush_callback: Any = None
         self._writer: gevent.Greenlet | None = None
         self._loop = gevent.get_hub().loop
         self._flushed = Event()
@@ -90,13 +92,13 @@ class ReplyWriter:
                              "([worker] max_queued_replies)")
                 return
             self.writable.clear()
-        if not self._flush_scheduled and self._writer is None:
-            self._flush_scheduled = True
-            self._loop.run_callback(self._flush_without_blocking)
+        if self._flush_callback is None and self._writer is None:
+            self._flush_callback = self._loop.run_callback(self._flush_without_blocking)
 
     def flush(self) -> None:
         """Send what is queued now, as far as the socket takes it without waiting."""
-        if self._flush_scheduled:
+        if self._flush_callback is not None:
+            self._flush_callback.stop()  # it would find nothing left to send
             self._flush_without_blocking()
 
     def cut_off(self, reason: str) -> None:
@@ -123,8 +125,8 @@ class ReplyWriter:
         return data
 
     def _flush_without_blocking(self) -> None:
-        # Runs in the hub: it must not block or raise.
-        self._flush_scheduled = False
+        # Runs in the hub (or in a reader, by flush): it must not block or raise.
+        self._flush_callback = None
         if not self._outbox or self._writer is not None:
             return
         if self._fd is None:
