@@ -124,6 +124,11 @@ class Request(NamedTuple):
     cancel_on_disconnect: bool = False
 
 
+#: Builds a Request from all its fields at C speed (NamedTuple's own
+#: constructor is a Python function that fills in the defaults).
+_new_request = tuple.__new__
+
+
 class Cancel(NamedTuple):
     """A cancel line, ``{"cancel": ID}``: cancel the request with that id (same connection)."""
 
@@ -147,9 +152,11 @@ def parse_request(line: bytes, max_depth: int = DEFAULT_MAX_DEPTH) -> Request | 
         raise BadRequest(f"request must be a JSON object, not {_json_kind(obj)}; "
                          'send {"function": NAME, "args": ...}')
     request_id = obj.get("id")
-    # Each level needs a bracket: counting them (in C) clears almost every
+    # Each level needs a bracket, so a line no longer than the limit cannot
+    # be too deep, and counting brackets (in C) clears almost every other
     # line without walking the parsed value.
-    if line.count(b"[") + line.count(b"{") > max_depth and _deeper_than(obj, max_depth):
+    if len(line) > max_depth and line.count(b"[") + line.count(b"{") > max_depth and \
+            _deeper_than(obj, max_depth):
         exc = BadRequest(f"request nests arrays and objects more than {max_depth} levels "
                          "deep ([worker] max_json_depth); flatten the arguments")
         exc.request_id = _valid_id_or_none(request_id)
@@ -159,7 +166,8 @@ def parse_request(line: bytes, max_depth: int = DEFAULT_MAX_DEPTH) -> Request | 
     function, args = obj.get("function"), obj.get("args")
     if type(function) is str and function and type(args) in _ARGS_TYPES and \
             type(request_id) in _ID_TYPES and obj.keys() <= _COMMON_FIELDS:
-        return Request(function, [] if args is None else args, request_id)
+        return _new_request(Request, (function, [] if args is None else args, request_id,
+                                      False, None, False))
     try:
         return _request_from_object(obj, request_id)
     except BadRequest as exc:

@@ -34,6 +34,7 @@ import os
 import time
 import traceback
 from collections.abc import Callable
+from time import monotonic
 from typing import Any, Protocol
 
 import gevent
@@ -41,6 +42,7 @@ import greenlet
 import ujson
 from gevent.event import Event
 from gevent.lock import Semaphore
+from greenlet import getcurrent
 
 from greentask.daemon import scoreboard
 from greentask.daemon.activity import FAILURES_KEPT, RUNNING_SHOWN, TaskKey
@@ -156,6 +158,10 @@ class TaskRunner:
         self.on_recycle = on_recycle
         #: One permit per task that may run at once.
         self.permits = Semaphore(concurrency)
+        self._acquire_permit = self.permits.acquire
+        self._release_permit = self.permits.release
+        self._set_inflight = slot.setter(scoreboard.INFLIGHT)
+        self._count_task = slot.count_task
         #: Every task in flight, by the greenlet it runs in.
         self.running: dict[greenlet.greenlet, RunningTask] = {}
         self.sweep = DeadlineSweep()
@@ -233,7 +239,7 @@ class TaskRunner:
         if the task waits (for I/O, a sleep, a lock), so the caller can carry
         on its other work in another greenlet meanwhile.
         """
-        self.permits.acquire()
+        self._acquire_permit()
         if request.id is None:
             self._run(request, function, owner)
         elif on_wait is None:
@@ -329,13 +335,15 @@ class TaskRunner:
             gevent.kill(task_greenlet)
 
     def _run(self, request: Request, function: Callable[..., Any], owner: TaskOwner) -> None:
-        current = greenlet.getcurrent()
+        # The hot path of every task: names are bound locally, and what most
+        # tasks do not need (progress, cancelling, recycling) costs one test.
+        current = getcurrent()
         running = self.running
-        started = time.monotonic()
+        started = monotonic()
         running[current] = (owner, request, started)
         self._idle.clear()
-        slot = self.slot
-        slot.set(scoreboard.INFLIGHT, len(running))
+        set_inflight = self._set_inflight
+        set_inflight(len(running))
         try:
             sink = None
             if request.progress:
@@ -344,20 +352,26 @@ class TaskRunner:
                     owner.send(encode_progress(request.id, value))
             line, outcome = self._execute(request, function, sink, current, owner.peer,
                                           started)
-            slot.count_task(request.function, outcome)
+            self._count_task(request.function, outcome)
             owner.send(line)
         finally:
             del running[current]
             if request.progress:
                 self.last_progress.pop(current, None)
-            self.cancelling.pop(current, None)
-            self._told.discard(current)
-            slot.set(scoreboard.INFLIGHT, len(running))
-            self.permits.release()
+            if self.cancelling:
+                self.cancelling.pop(current, None)
+                self._told.discard(current)
+            set_inflight(len(running))
+            self._release_permit()
             if not running:
                 self._idle.set()
             owner.task_finished()
-        if self.max_tasks and slot.get(scoreboard.DONE) + slot.get(scoreboard.FAILED) + \
+        if self.max_tasks:
+            self._check_recycle()
+
+    def _check_recycle(self) -> None:
+        slot = self.slot
+        if slot.get(scoreboard.DONE) + slot.get(scoreboard.FAILED) + \
                 slot.get(scoreboard.TIMED_OUT) >= self.max_tasks and self.on_recycle:
             self.on_recycle(f"it has run max_tasks_per_child ({self.max_tasks}) tasks")
 

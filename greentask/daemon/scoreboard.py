@@ -23,9 +23,10 @@ transition table.
 from __future__ import annotations
 
 import bisect
+import functools
 import mmap
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 from greentask.daemon.activity import ActivityBoard
 from greentask.daemon.lifecycle import STATE_MOVES, WorkerState, check_move
@@ -87,6 +88,10 @@ class Slot:
         """Write one field."""
         self._cells[self._base + field] = value
 
+    def setter(self, field: int) -> Callable[[float], None]:
+        """A function that writes one field: for a field written on every task."""
+        return functools.partial(self._cells.__setitem__, self._base + field)
+
     def add(self, field: int, amount: float = 1) -> None:
         """Add to one field (only the owning child may: it is the only writer)."""
         self._cells[self._base + field] += amount
@@ -113,7 +118,10 @@ class Slot:
     def count_task(self, function: str, outcome: int) -> None:
         """Count one finished task of ``function``; ``outcome`` is one of OUTCOMES."""
         self._cells[self._base + outcome] += 1
-        self._counts[self._row(function) + outcome - DONE] += 1
+        row = self._rows.get(function)  # _row, inlined: this runs once per task
+        if row is None:
+            row = self._row(function)
+        self._counts[row + outcome - DONE] += 1
 
     def _row(self, function: str) -> int:
         row = self._rows.get(function)
