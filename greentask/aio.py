@@ -36,7 +36,6 @@ from greentask.calls import (
     GiveBack,
     NotSent,
     ProgressCallback,
-    ServerPool,
     Unanswered,
     deliver,
     make_call,
@@ -45,6 +44,7 @@ from greentask.calls import (
 )
 from greentask.errors import GreentaskError, TaskTimeout
 from greentask.protocol import encode_hello
+from greentask.servers import ServerPool
 
 #: Seconds :meth:`AsyncTaskClient.close` waits for a connection to flush and close.
 CLOSE_WAIT = 1.0

@@ -17,9 +17,8 @@ given back as not sent, never as lost.
 A request given back unanswered goes to :func:`resend_or_error`, the one
 retry policy: one that did not run (refused, ``ShuttingDown``) is always sent
 again, one whose connection died after it was sent only with ``retry=True``,
-a cancelled one never. :class:`ServerPool` picks the connection for a
-request and the server for a new connection, skipping servers that refused
-one for :data:`DOWN_RETRY_DELAY` seconds.
+a cancelled one never. Which connection and which server a request goes
+to is :mod:`greentask.servers`'s choice.
 
 The core is not thread-safe: the threaded transport calls it under its
 connection's lock; asyncio's single thread needs none.
@@ -31,14 +30,11 @@ import enum
 import itertools
 import logging
 import ssl
-import time
-from collections.abc import Callable, Iterable
-from typing import Any, Generic, NamedTuple, Protocol, TypeVar
+from collections.abc import Callable
+from typing import Any, NamedTuple, TypeVar
 
-from greentask.address import parse_address
 from greentask.errors import (
     Cancelled,
-    ConnectionFailed,
     ShuttingDown,
     TaskTimeout,
     Unauthorized,
@@ -49,8 +45,6 @@ from greentask.tls import is_handshake_refusal
 
 log = logging.getLogger("greentask.client")
 
-#: Seconds a server that refused a connection is skipped before it is tried again.
-DOWN_RETRY_DELAY = 1.0
 #: Longest reply line the client accepts (64 MiB).
 MAX_REPLY_LINE = 64 * 1024 * 1024
 #: Seconds a call waits past its own timeout for the server's Timeout reply.
@@ -399,132 +393,4 @@ def task_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any] |
     return kwargs or list(args)
 
 
-class _Usable(Protocol):
-    @property
-    def usable(self) -> bool: ...
-
-
 C = TypeVar("C", bound=Call)
-T = TypeVar("T", bound=_Usable)
-
-
-class ServerPool(Generic[T]):
-    """The servers, their open connections (of type T), and which ones are down."""
-
-    def __init__(self, servers: Iterable[str], connections_per_server: int) -> None:
-        self.servers = [_parse_server(server) for server in servers]
-        if not self.servers:
-            raise ValueError("a task client needs at least one server, such as "
-                             "'127.0.0.1:12345'")
-        self.target = connections_per_server * len(self.servers)
-        self.connections: list[T] = []
-        self.closed = False
-        self._down_until: dict[tuple[str, int], float] = {}
-        self._server_turn = itertools.count()
-        self._connection_turn = itertools.count()
-
-    def pick(self) -> T | None:
-        """The next usable connection, or None when one more should be opened first."""
-        if self.closed:
-            raise ConnectionFailed("the client is closed")
-        if len(self.connections) >= self.target:
-            connection = self.connections[next(self._connection_turn) % len(self.connections)]
-            if connection.usable:
-                return connection
-        self.connections = [c for c in self.connections if c.usable]
-        if len(self.connections) < self.target:
-            return None
-        return self.any()
-
-    def close(self) -> list[T]:
-        """Take no more calls; return the open connections, for the transport to close."""
-        self.closed = True
-        connections, self.connections = self.connections, []
-        return connections
-
-    def any(self) -> T | None:
-        """The next open connection, if there is one."""
-        if not self.connections:
-            return None
-        return self.connections[next(self._connection_turn) % len(self.connections)]
-
-    def candidates(self) -> list[tuple[str, int]]:
-        """Servers to try for a new connection, in turn: those not marked down,
-        or every one when all are."""
-        now = time.monotonic()
-        turn = next(self._server_turn)
-        ordered = [self.servers[(turn + i) % len(self.servers)] for i in range(len(self.servers))]
-        return [address for address in ordered if self._down_until.get(address, 0) <= now] \
-            or ordered
-
-    def mark_down(self, address: tuple[str, int]) -> None:
-        """``address`` refused a connection: skip it for :data:`DOWN_RETRY_DELAY` s."""
-        self._down_until[address] = time.monotonic() + DOWN_RETRY_DELAY
-
-    def opening(self) -> Opening[T]:
-        """One round of trying servers for a new connection."""
-        return Opening(self)
-
-    def describe(self) -> str:
-        """The servers as HOST:PORT, for messages."""
-        return ", ".join(f"{host}:{port}" for host, port in self.servers)
-
-    def undeliverable(self, call: Call, last_error: str) -> ConnectionFailed:
-        """The error of a call sent :data:`MAX_ATTEMPTS` times without an answer."""
-        return ConnectionFailed(
-            f"task {call.function!r} could not be delivered after {MAX_ATTEMPTS} attempts "
-            f"(last: {call.refusal or last_error or 'no connection'}); servers: "
-            f"{self.describe()}")
-
-
-class Opening(Generic[T]):
-    """One round of connecting: each candidate in turn, what failed, and the way out.
-
-    A transport tries ``for address in opening.addresses``, reports
-    :meth:`failed` or :meth:`opened`, and ends with :meth:`fallback`.
-    """
-
-    def __init__(self, pool: ServerPool[T]) -> None:
-        self._pool = pool
-        self.addresses = pool.candidates()
-        self._failures: list[tuple[tuple[str, int], OSError]] = []
-
-    def failed(self, address: tuple[str, int], exc: OSError) -> None:
-        """``address`` did not take the connection."""
-        self._pool.mark_down(address)
-        self._failures.append((address, exc))
-
-    def opened(self, connection: T) -> T:
-        """A new connection is open: the pool keeps it."""
-        self._pool.connections.append(connection)
-        return connection
-
-    def fallback(self) -> T:
-        """Every candidate failed: an open connection, or :class:`ConnectionFailed`."""
-        connection = self._pool.any()
-        if connection is None:
-            raise no_connection(self._failures)
-        return connection
-
-
-def no_connection(failures: list[tuple[tuple[str, int], OSError]]) -> ConnectionFailed:
-    """Why no connection could be made, and what to do about it."""
-    errors = "; ".join(f"{host}:{port}: {exc.strerror or exc or type(exc).__name__}"
-                       for (host, port), exc in failures)
-    if all(isinstance(exc, ssl.SSLCertVerificationError) for _, exc in failures):
-        # The server answered: it runs, but its certificate was not accepted.
-        return ConnectionFailed(
-            f"the task server answered but its TLS certificate was not accepted ({errors}): "
-            "give the CA certificates that signed the server's certificate (greentask "
-            "call --ca-certs FILE, [gateway] ca_certs, or greentask.tls.client_context("
-            "ca_certs=FILE)) and connect by a name or IP address that the certificate "
-            "names")
-    return ConnectionFailed(f"cannot connect to any task server ({errors}); is greentask "
-                            "running there? (start it with scripts/run)")
-
-
-def _parse_server(server: str) -> tuple[str, int]:
-    try:
-        return parse_address(server)
-    except ValueError as exc:
-        raise ValueError(f"bad server {server!r}: {exc}") from None

@@ -19,7 +19,7 @@ notice, the retry policy, the choice of server) is the sans-IO core in
 this module is its transport on sockets and threads.
 
 Failures: a server that refuses connections is skipped for
-:data:`~greentask.calls.DOWN_RETRY_DELAY` seconds and the next one is tried. A request that
+:data:`~greentask.servers.DOWN_RETRY_DELAY` seconds and the next one is tried. A request that
 could not be written completely never reached a server, and is sent
 elsewhere. A request that was sent but whose connection died before the
 reply raises :class:`WorkerLost`, unless the caller said the task may run
@@ -51,7 +51,6 @@ from greentask.calls import (
     GiveBack,
     NotSent,
     ProgressCallback,
-    ServerPool,
     Unanswered,
     deliver,
     make_call,
@@ -60,6 +59,7 @@ from greentask.calls import (
 )
 from greentask.errors import GreentaskError, TaskTimeout
 from greentask.protocol import encode_hello
+from greentask.servers import ServerPool
 from greentask.tls import SharedTLSStream
 
 log = logging.getLogger("greentask.client")
