@@ -36,7 +36,6 @@ its socket in non-blocking mode and makes every TLS call under one lock
 from __future__ import annotations
 
 import logging
-import signal
 import socket
 import ssl
 import threading
@@ -59,6 +58,7 @@ from greentask.calls import (
 )
 from greentask.errors import GreentaskError, TaskTimeout
 from greentask.protocol import encode_hello
+from greentask.reader_thread import start_reader
 from greentask.servers import ServerPool
 from greentask.tls import SharedTLSStream
 
@@ -67,24 +67,6 @@ log = logging.getLogger("greentask.client")
 #: Seconds a failed send waits for the connection's reader to learn why (a TLS
 #: alert, a reset), so the error names the cause rather than a broken pipe.
 SEND_FAILURE_GRACE = 0.5
-#: Signals a reader thread never takes. The kernel hands a process's signal to
-#: any thread that does not block it, but only the main thread runs Python's
-#: handlers: a Ctrl-C taken by a reader would leave the main thread asleep in
-#: get() until its timeout.
-READER_BLOCKED_SIGNALS = frozenset({
-    signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
-    signal.SIGUSR2, signal.SIGALRM, signal.SIGCHLD})
-
-
-def start_reader(target: Any, name: str) -> None:
-    """Start a daemon thread that runs ``target`` with :data:`READER_BLOCKED_SIGNALS` blocked
-    (a new thread inherits its creator's mask, which is restored at once)."""
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, READER_BLOCKED_SIGNALS)
-    try:
-        threading.Thread(target=target, name=name, daemon=True).start()
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, before)
-
 #: What runs a function soon in another greenlet (``gevent.spawn``).
 Spawn = Callable[[Callable[[], None]], object]
 

@@ -41,7 +41,7 @@ def test_the_package_keeps_every_contract():
     ("protocol.py", "import gevent", "never import gevent"),
     # The clients' core is below both clients, which do not import each other.
     ("calls.py", "from greentask.client import TaskClient", "Three wings over one core"),
-    ("aio.py", "from greentask.client import TaskClient", "Three wings over one core"),
+    ("aio/__init__.py", "from greentask.client import TaskClient", "Three wings over one core"),
     ("examples/fastapi_app.py", "import gevent", "The example FastAPI app is a caller"),
     # A deferred import makes a cycle too.
     ("daemon/writer.py", "def _later():\n    from greentask.daemon import connection",
