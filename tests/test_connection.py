@@ -245,8 +245,7 @@ def test_tasks_start_in_greenlets_as_shallow_as_the_hubs(make_server):
     # The same task in a greenlet the hub made: every task above had as much
     # room, less the read path's frames; more rounds never took more.
     runner, owner = server.runner, Replies()
-    runner.kill_idle()
-    runner._idle_greenlets.clear()
+    runner.greenlets.kill_idle()  # and forgets them: the next spawn makes a new one
     runner.spawn(runner._run, Request("room", [False], 0), room, owner)
     green_wait(lambda: owner.finished, 5, "the reference task")
     assert min(rooms) >= owner.final(0)["result"] - READ_PATH_FRAMES, (sorted(rooms),

@@ -38,6 +38,20 @@ READ_TRIES = 3
 TaskKey = tuple[int, int]
 
 
+def shown_progress(value: Any, debug: bool) -> Any:
+    """What the dashboard shows of a task's last progress value: only its numbers
+    (a number, or a dict's number values), unless ``debug`` is on."""
+    if debug:
+        return value
+    if isinstance(value, dict):
+        return {key: number for key, number in value.items() if _is_number(number)} or None
+    return value if _is_number(value) else None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 class ActivityBoard:
     """``capacity`` documents and mailboxes in anonymous shared memory; make it before forking.
 

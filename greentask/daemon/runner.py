@@ -11,12 +11,9 @@ other work over when the task waits, in a reused greenlet), bounds it
 with a deadline, sends its progress and final reply to the owner, counts the
 outcome once, and tells the owner the task is done.
 
-Deadlines are two small strategies with one shape, after rq's death
-penalty: each throws its own :class:`Expired` into the task when its time is
-up, and the runner maps exactly that one to a Timeout reply. Limits under
-:data:`COARSE_TIMEOUT_MIN` get a timer of their own (:class:`TimerDeadline`);
-longer ones are an entry in the :class:`DeadlineSweep`, checked every
-:data:`DEADLINE_SWEEP_INTERVAL`, which saves about a microsecond per task.
+A task's deadline is one of the two strategies of
+:mod:`greentask.daemon.deadlines`; the runner maps exactly the
+:class:`~greentask.daemon.deadlines.Expired` it armed to a Timeout reply.
 
 Every running task is in :attr:`TaskRunner.running`, by its greenlet, and
 findable by ``(owner, request id)`` with :meth:`TaskRunner.find`, or by its
@@ -30,7 +27,6 @@ from __future__ import annotations
 import collections
 import heapq
 import logging
-import os
 import time
 import traceback
 from collections.abc import Callable
@@ -45,21 +41,20 @@ from gevent.lock import Semaphore
 from greenlet import getcurrent
 
 from greentask.daemon import scoreboard
-from greentask.daemon.activity import FAILURES_KEPT, RUNNING_SHOWN, TaskKey
+from greentask.daemon.activity import FAILURES_KEPT, RUNNING_SHOWN, TaskKey, shown_progress
+from greentask.daemon.deadlines import (
+    COARSE_TIMEOUT_MIN,
+    DeadlineSweep,
+    Expired,
+    TimerDeadline,
+)
+from greentask.daemon.greenlets import GreenletPool
 from greentask.errors import Cancelled, RemoteError, TaskError, TaskTimeout
 from greentask.protocol import Request, encode_error, encode_progress, encode_result
 from greentask.registry import Registry, call_task, progress_sink, set_cancel_point
 
 log = logging.getLogger("greentask.worker")
 
-#: Task limits at least this long are enforced by the sweep instead of a
-#: timer per task (seconds).
-COARSE_TIMEOUT_MIN = 2.0
-#: How often the sweep checks running tasks against their deadline (seconds).
-DEADLINE_SWEEP_INTERVAL = 0.25
-#: Idle greenlets always kept for reuse, each about 20 KiB; above this,
-#: :meth:`TaskRunner.trim_idle` frees those the last peak did not need.
-IDLE_GREENLETS_FLOOR = 64
 
 
 class TaskOwner(Protocol):
@@ -78,52 +73,6 @@ class TaskOwner(Protocol):
 class CancelOverdue(BaseException):
     """Thrown into a cancelled task still running after ``cancel_grace``: it ends now
     (a BaseException, so the task's ``except Exception`` does not keep it alive)."""
-
-
-class Expired(BaseException):
-    """Thrown into a task past its deadline (a BaseException, like ``gevent.Timeout``,
-    so a task's ``except Exception`` does not swallow it)."""
-
-
-class TimerDeadline:
-    """A limit with a timer of its own: for short limits, where the sweep is too coarse."""
-
-    __slots__ = ("_timeout", "expired")
-
-    def __init__(self, seconds: float) -> None:
-        self.expired = Expired()
-        self._timeout = gevent.Timeout(seconds, self.expired)
-        self._timeout.start()
-
-    def cancel(self) -> None:
-        """The task ended in time."""
-        self._timeout.close()
-
-
-class DeadlineSweep:
-    """Running tasks with a long limit, and the timer that expires them."""
-
-    def __init__(self, interval: float = DEADLINE_SWEEP_INTERVAL) -> None:
-        #: Task greenlet -> (deadline, what to throw into it); the runner adds
-        #: and removes a task's entry itself (no object per task on this path).
-        self.deadlines: dict[greenlet.greenlet, tuple[float, Expired]] = {}
-        self._timer = gevent.get_hub().loop.timer(interval, interval)
-
-    def start(self) -> None:
-        """Check the deadlines every interval, from the event loop."""
-        self._timer.start(self._expire)
-
-    def stop(self) -> None:
-        """Stop checking."""
-        self._timer.stop()
-
-    def _expire(self) -> None:
-        # Runs in the hub, like gevent.Timeout's own timers: every task listed
-        # is suspended inside its task, so the throw lands there.
-        now = time.monotonic()
-        for task_greenlet, (deadline, expired) in list(self.deadlines.items()):
-            if now >= deadline and self.deadlines.get(task_greenlet, (0, None))[1] is expired:
-                task_greenlet.throw(expired)
 
 
 #: One task in flight, by its greenlet in :attr:`TaskRunner.running`: the
@@ -171,9 +120,9 @@ class TaskRunner:
         set_cancel_point(self._cancel_point)
         self._idle = Event()
         self._idle.set()
-        self._idle_greenlets: list[greenlet.greenlet] = []
-        self._busy_greenlets = 0
-        self._peak_busy_greenlets = 0
+        #: The reused greenlets tasks and connections run in.
+        self.greenlets = GreenletPool()
+        self.spawn = self.greenlets.spawn
         self._loop = gevent.get_hub().loop
         #: How many event-loop watchers are ready and not yet run in this turn
         #: (libev tells; libuv does not, and then it is always 1).
@@ -185,46 +134,6 @@ class TaskRunner:
         #: The last failures, newest last: (time.time(), function, error type, message).
         self.failures: collections.deque[tuple[float, str, str, str]] = collections.deque(
             maxlen=FAILURES_KEPT)
-
-    # -- greenlets ---------------------------------------------------------
-
-    def spawn(self, function: Callable[..., Any], *args: Any) -> None:
-        """Run ``function(*args)`` in a reused greenlet (also the server's spawn)."""
-        # A new greenlet costs an mmap and munmap of its frame stack on
-        # CPython 3.11+: tasks and connections reuse finished ones.
-        if self._idle_greenlets:
-            self._loop.run_callback(self._idle_greenlets.pop().switch, function, args)
-        else:
-            gevent.spawn_raw(self._serve_calls, function, args)
-
-    def _serve_calls(self, function: Callable[..., Any], args: tuple[Any, ...]) -> None:
-        current = greenlet.getcurrent()
-        hub = gevent.get_hub()
-        while True:
-            self._busy_greenlets += 1
-            if self._busy_greenlets > self._peak_busy_greenlets:
-                self._peak_busy_greenlets = self._busy_greenlets
-            try:
-                function(*args)
-            except Exception:
-                log.exception("worker %d: unexpected error", os.getpid())
-            finally:
-                self._busy_greenlets -= 1
-            function = args = None  # type: ignore[assignment]  # no references while idle
-            self._idle_greenlets.append(current)
-            function, args = hub.switch()
-
-    def trim_idle(self) -> None:
-        """Free the idle greenlets that the last peak did not need (each heartbeat)."""
-        keep = max(IDLE_GREENLETS_FLOOR, self._peak_busy_greenlets)
-        self._peak_busy_greenlets = self._busy_greenlets
-        while len(self._idle_greenlets) > keep:
-            gevent.kill(self._idle_greenlets.pop(0))
-
-    def kill_idle(self) -> None:
-        """Free every idle greenlet (the process is stopping)."""
-        for idle in self._idle_greenlets:
-            gevent.kill(idle)
 
     # -- tasks -------------------------------------------------------------
 
@@ -473,25 +382,13 @@ class TaskRunner:
         oldest = heapq.nsmallest(RUNNING_SHOWN, self.running.items(), key=lambda item: item[1][2])
         running = [{"function": request.function, "age": now - started,
                     "key": [id(task_greenlet), round(started * 1e6)],
-                    "progress": self._shown_progress(task_greenlet),
+                    "progress": shown_progress(self.last_progress.get(task_greenlet),
+                                               self.debug),
                     "cancelling": task_greenlet in self.cancelling}
                    for task_greenlet, (_, request, started) in oldest]
         failures = [{"at": at, "function": function, "error": kind, "message": message}
                     for at, function, kind, message in self.failures]
         return {"at": now, "running": running, "failures": failures}
-
-    def _shown_progress(self, task_greenlet: greenlet.greenlet) -> Any:
-        value = self.last_progress.get(task_greenlet)
-        if self.debug:
-            return value
-        if isinstance(value, dict):
-            return {key: number for key, number in value.items()
-                    if _is_number(number)} or None
-        return value if _is_number(value) else None
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _request_id(request: Request) -> str:

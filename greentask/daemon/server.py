@@ -304,7 +304,7 @@ class ProcessServer:
         idle_timeout = self.config.worker.idle_timeout
         while True:
             self.slot.beat()
-            self.runner.trim_idle()
+            self.runner.greenlets.trim_idle()
             if self.activity is not None:
                 self._trade_activity()
             now = time.monotonic()
@@ -377,7 +377,7 @@ class ProcessServer:
             log.warning("worker %d: %d task(s) still running after %g s; killing them",
                         os.getpid(), len(runner.running), grace)
             runner.kill_all()
-        runner.kill_idle()
+        runner.greenlets.kill_idle()
         # A peer told closing that keeps its idle socket open is closed after
         # closing_grace: the stop ends when the work is done, not at the deadline.
         while self.connections and time.monotonic() < deadline:
