@@ -9,11 +9,12 @@ each connection applies.
 
 from __future__ import annotations
 
+import hmac
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from greentask.errors import RemoteError, ShuttingDown
-from greentask.protocol import DEFAULT_MAX_QUEUED
+from greentask.protocol import DEFAULT_MAX_QUEUED, parse_hello
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,12 @@ class ConnectionLimits:
     max_queued: int = DEFAULT_MAX_QUEUED
     #: Seconds a peer has to send its token (when one is required).
     hello_timeout: float = 5.0
+
+    def token_matches(self, line: bytes) -> bool:
+        """True when ``line`` is a hello with the right token (compared in constant time)."""
+        token = parse_hello(line)
+        return token is not None and self.auth_token is not None and \
+            hmac.compare_digest(token.encode(), self.auth_token)
 
     @classmethod
     def from_settings(cls, settings: Any) -> ConnectionLimits:

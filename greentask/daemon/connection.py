@@ -36,16 +36,12 @@ from the event loop: another greenlet becomes the reader and goes on with
 the lines already read. The greenlet that began serving stays the one
 that ends it: once its task is done, it waits for the last reader.
 
-A connection is in one :class:`Phase` at a time, changed only by
-:meth:`Connection._enter`, which checks the move against :data:`PHASE_MOVES`
-(:func:`greentask.daemon.lifecycle.check_move`).
+A connection's phases and their moves are :mod:`greentask.daemon.phase`'s.
 """
 
 from __future__ import annotations
 
 import collections
-import enum
-import hmac
 import logging
 import socket
 import time
@@ -56,6 +52,7 @@ from gevent.event import Event
 
 from greentask.daemon.admission import Admission, ConnectionLimits
 from greentask.daemon.lifecycle import check_move
+from greentask.daemon.phase import ASKED_TO_CLOSE, CLOSING, OPEN, PHASE_MOVES, Phase
 from greentask.daemon.runner import TaskRunner
 from greentask.daemon.writer import ReplyWriter, linger
 from greentask.errors import BadRequest, RemoteError, ShuttingDown, TaskTimeout, Unauthorized
@@ -64,7 +61,6 @@ from greentask.protocol import (
     LineDecoder,
     encode_closing,
     encode_error,
-    parse_hello,
     parse_request,
 )
 
@@ -78,31 +74,6 @@ IDLE_GRACE = 10.0
 
 class StopReading(Exception):
     """Thrown into a reader waiting for input or for its writer: the connection closes."""
-
-
-class Phase(enum.Enum):
-    """Where a connection is in its life."""
-
-    #: The server requires a token, and the peer has not sent it yet.
-    HELLO = "hello"
-    #: Reading and running requests.
-    OPEN = "open"
-    #: Told the pipelining peer ``{"closing": true}``; still answering what it sends.
-    ASKED_TO_CLOSE = "asked to close"
-    #: Reading no more: the replies go out, then the connection closes.
-    CLOSING = "closing"
-
-
-# For the per-line test: a module global is found faster than an Enum member.
-_OPEN, _ASKED_TO_CLOSE = Phase.OPEN, Phase.ASKED_TO_CLOSE
-
-#: The phases each phase may move to.
-PHASE_MOVES: dict[Phase, frozenset[Phase]] = {
-    Phase.HELLO: frozenset({Phase.OPEN, Phase.CLOSING}),
-    Phase.OPEN: frozenset({Phase.ASKED_TO_CLOSE, Phase.CLOSING}),
-    Phase.ASKED_TO_CLOSE: frozenset({Phase.CLOSING}),
-    Phase.CLOSING: frozenset(),
-}
 
 
 class Connection:
@@ -177,14 +148,7 @@ class Connection:
         finally:
             self._idle.wait()
             self.writer.wait_flushed()
-            if self.writer.cut_off_reason:
-                log.warning("connection from %s cut off, its peer does not read: %s; %d "
-                            "replies dropped", self.peer, self.writer.cut_off_reason,
-                            self.writer.dropped)
-            elif self.writer.dropped:
-                log.info("%d repl%s to %s dropped: the peer closed before reading them",
-                         self.writer.dropped, "y" if self.writer.dropped == 1 else "ies",
-                         self.peer)
+            self.writer.log_losses(self.peer)
             if not self._peer_done and not self.writer.broken:
                 # Closed on purpose, the peer perhaps still sending: FIN after
                 # the replies, and its unread lines discarded, never reset.
@@ -294,7 +258,6 @@ class Connection:
         recv = self.sock.recv
         lines = self._lines
         pending_watchers = self._pending_watchers
-        closing = Phase.CLOSING  # an Enum member's lookup costs more than a local's
         while True:
             while lines:
                 self._handle_line(lines.popleft())
@@ -303,7 +266,7 @@ class Connection:
             if self.decoder.too_large:
                 self.send(encode_error(None, self.decoder.too_large_error()))
                 self._enter(Phase.CLOSING)
-            if self.phase is closing or writer.broken:
+            if self.phase is CLOSING or writer.broken:
                 return False
             if not pending_watchers():
                 # Nothing else is ready in this loop turn: the replies go out
@@ -376,7 +339,7 @@ class Connection:
 
     def _handle_line(self, line: bytes) -> None:
         phase = self.phase
-        if phase is not _OPEN and phase is not _ASKED_TO_CLOSE:
+        if phase is not OPEN and phase is not ASKED_TO_CLOSE:
             if phase is Phase.HELLO:
                 self._authenticate(line)
             else:
@@ -422,10 +385,7 @@ class Connection:
         self.send(encode_error(request.id, self._refusal))
 
     def _authenticate(self, line: bytes) -> None:
-        token = parse_hello(line)
-        expected = self.limits.auth_token
-        assert expected is not None
-        if token is not None and hmac.compare_digest(token.encode(), expected):
+        if self.limits.token_matches(line):
             self._enter(Phase.OPEN)
             return
         self.admission.note_refused(self.peer, "no token, or the wrong one")

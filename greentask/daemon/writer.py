@@ -114,6 +114,15 @@ class ReplyWriter:
         """True while replies wait to be sent or are being sent."""
         return bool(self.size) or self._writer is not None
 
+    def log_losses(self, peer: str) -> None:
+        """Log what ``peer`` lost (its connection is ending): cut off, or replies dropped."""
+        if self.cut_off_reason:
+            log.warning("connection from %s cut off, its peer does not read: %s; %d replies "
+                        "dropped", peer, self.cut_off_reason, self.dropped)
+        elif self.dropped:
+            log.info("%d repl%s to %s dropped: the peer closed before reading them",
+                     self.dropped, "y" if self.dropped == 1 else "ies", peer)
+
     def wait_flushed(self) -> None:
         """Block until everything queued is sent (or the peer is gone)."""
         self._flushed.wait()
