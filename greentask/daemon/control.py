@@ -18,11 +18,12 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import ujson
 
+from greentask.daemon.activity import TaskKey
 from greentask.daemon.lifecycle import processes_text
 from greentask.daemon.oneshot import OneShotServer
 from greentask.errors import GreentaskError
@@ -111,6 +112,19 @@ def wanted_processes(command: dict[str, Any], most: int) -> int:
                            "nothing changed (raise max_processes in the config and reload, if "
                            "this machine can run that many)")
     return processes
+
+
+def cancel_target(command: dict[str, Any], live: Collection[int]) -> tuple[int, TaskKey]:
+    """The worker (one of the ``live`` pids) and task key a ``cancel`` command names;
+    ControlError when it names none."""
+    pid, key = command.get("pid"), command.get("key")
+    if not isinstance(pid, int) or not (
+            isinstance(key, list) and len(key) == 2 and all(isinstance(k, int) for k in key)):
+        raise ControlError('cancel takes {"command": "cancel", "pid": PID, "key": KEY}, '
+                           'both as status lists the task under "running"')
+    if pid not in live:
+        raise ControlError(f"no worker has pid {pid} (it may have exited meanwhile)")
+    return pid, (key[0], key[1])
 
 
 def send_command(path: str, command: str, timeout: float = 5.0,

@@ -42,7 +42,7 @@ from greentask.daemon.brood import Brood
 from greentask.daemon.census import Census
 from greentask.daemon.child import run_worker
 from greentask.daemon.children import StartGuard, WorkerProcess
-from greentask.daemon.control import ControlError, wanted_processes
+from greentask.daemon.control import ControlError, cancel_target, wanted_processes
 from greentask.daemon.endpoints import EndpointError, Endpoints
 from greentask.daemon.lifecycle import (
     EXIT_BOOT_ERROR,
@@ -389,15 +389,8 @@ class Master:
     def cancel_task(self, command: dict[str, object]) -> dict[str, object]:
         """Post a cancel to the worker running a task, named as ``status`` lists it under
         ``running`` (``pid`` and ``key``); it acts at that worker's next heartbeat."""
-        pid, key = command.get("pid"), command.get("key")
-        if not isinstance(pid, int) or not (
-                isinstance(key, list) and len(key) == 2 and all(isinstance(k, int) for k in key)):
-            raise ControlError('cancel takes {"command": "cancel", "pid": PID, "key": KEY}, '
-                               'both as status lists the task under "running"')
-        worker = self.workers.get(pid)
-        if worker is None:
-            raise ControlError(f"no worker has pid {pid} (it may have exited meanwhile)")
-        self.board.activity.post(worker.slot_index, (key[0], key[1]))
+        pid, key = cancel_target(command, self.workers)
+        self.board.activity.post(self.workers[pid].slot_index, key)
         log.info("cancel of task %s posted to worker %d", key, pid)
         return {"message": f"cancel sent to worker {pid}; if the task still runs, it is "
                            "cancelled within a heartbeat"}
