@@ -308,28 +308,10 @@ class TaskRunner:
             else:
                 with progress_sink(sink):
                     result = call_task(function, request.args, request.function)
-        except Cancelled as exc:
-            return encode_error(request.id, exc), scoreboard.CANCELLED
-        except CancelOverdue:
-            return encode_error(request.id, Cancelled(
-                f"task {request.function!r} was cancelled and did not end within "
-                f"{self.cancel_grace:g} s ([worker] cancel_grace), so it was stopped")), \
-                scoreboard.CANCELLED
-        except Expired as exc:
-            if exc is not expired:
-                raise
-            timeout = TaskTimeout(
-                f"task {request.function!r} ran longer than {seconds:g} s and was stopped; "
-                "raise the request's timeout or [worker] task_timeout, or make the task "
-                "shorter")
-            self._failed(request, peer, timeout)
-            return encode_error(request.id, timeout), scoreboard.TIMED_OUT
-        except RemoteError as exc:
-            self._failed(request, peer, exc)
-            return encode_error(request.id, exc), scoreboard.FAILED
-        except (Exception, SystemExit) as exc:
-            self._failed(request, peer, exc, traceback_of=exc)
-            return encode_error(request.id, self._task_error(exc)), scoreboard.FAILED
+        except (Exception, SystemExit, CancelOverdue, Expired) as exc:
+            if isinstance(exc, Expired) and exc is not expired:
+                raise  # not this task's deadline: someone else's to handle
+            return self._failure(request, peer, exc, seconds)
         finally:
             if timer is None:
                 del self.sweep.deadlines[current]
@@ -349,6 +331,29 @@ class TaskRunner:
                 "return dicts, lists, strings, numbers, booleans or None")
             self._failed(request, peer, error)
             return encode_error(request.id, error), scoreboard.FAILED
+
+    def _failure(self, request: Request, peer: str, exc: BaseException,
+                 seconds: float) -> tuple[bytes, int]:
+        """The final reply line and outcome of a task that raised ``exc``; failures are logged."""
+        if isinstance(exc, Cancelled):
+            return encode_error(request.id, exc), scoreboard.CANCELLED
+        if isinstance(exc, CancelOverdue):
+            return encode_error(request.id, Cancelled(
+                f"task {request.function!r} was cancelled and did not end within "
+                f"{self.cancel_grace:g} s ([worker] cancel_grace), so it was stopped")), \
+                scoreboard.CANCELLED
+        if isinstance(exc, Expired):
+            timeout = TaskTimeout(
+                f"task {request.function!r} ran longer than {seconds:g} s and was stopped; "
+                "raise the request's timeout or [worker] task_timeout, or make the task "
+                "shorter")
+            self._failed(request, peer, timeout)
+            return encode_error(request.id, timeout), scoreboard.TIMED_OUT
+        if isinstance(exc, RemoteError):
+            self._failed(request, peer, exc)
+            return encode_error(request.id, exc), scoreboard.FAILED
+        self._failed(request, peer, exc, traceback_of=exc)
+        return encode_error(request.id, self._task_error(exc)), scoreboard.FAILED
 
     def _task_error(self, exc: BaseException) -> TaskError:
         message = f"{type(exc).__name__}: {exc}"

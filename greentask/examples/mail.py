@@ -113,6 +113,17 @@ class SessionPool:
         self._permits.release()
 
 
+def _open_session(settings: Any) -> smtplib.SMTP:
+    """A new session, greeted; NotDelivered (unreachable) when the server cannot be reached."""
+    try:
+        session = smtplib.SMTP(settings.host, settings.port, timeout=SMTP_TIMEOUT)
+        session.ehlo_or_helo_if_needed()
+    except OSError as exc:
+        raise NotDelivered(f"cannot reach the SMTP server {settings.host}:{settings.port}: "
+                           f"{type(exc).__name__}: {exc}", None, unreachable=True) from None
+    return session
+
+
 def deliver(session: smtplib.SMTP | None, template: MessageTemplate,
             to: str) -> smtplib.SMTP:
     """Send ``template`` to ``to`` on ``session`` (opening one when None); return the session
@@ -131,13 +142,7 @@ def deliver(session: smtplib.SMTP | None, template: MessageTemplate,
     settings = current().smtp
     for attempt in (1, 2):
         if session is None:
-            try:
-                session = smtplib.SMTP(settings.host, settings.port, timeout=SMTP_TIMEOUT)
-                session.ehlo_or_helo_if_needed()
-            except OSError as exc:
-                raise NotDelivered(f"cannot reach the SMTP server {settings.host}:"
-                                   f"{settings.port}: {type(exc).__name__}: {exc}", None,
-                                   unreachable=True) from None
+            session = _open_session(settings)
         try:
             _check(session.mail(sender))
             _check(session.rcpt(to))
