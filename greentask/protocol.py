@@ -73,6 +73,12 @@ class LineDecoder:
         """Add received bytes; return the complete lines they finish."""
         if self.too_large:
             return []
+        if not self._partial and data.endswith(b"\n") and len(data) <= self.max_line and \
+                b"\r" not in data:
+            # The common read: whole lines, so none is too long, none ends in \r.
+            lines = data.split(b"\n")
+            lines.pop()
+            return lines if all(lines) else [line for line in lines if line]
         if b"\n" not in data:
             if len(self._partial) + len(data) > self.max_line:
                 return self._overflow([])
