@@ -115,3 +115,19 @@ def test_cpu_per_request_prints_cpu_and_calls_for_this_checkout():
     assert "us CPU per request" in result.stdout and "(160 requests)" in result.stdout
     calls = float(result.stdout.split(", ")[1].split()[0])
     assert 10 < calls < 200  # Python calls per request: the server path did run
+
+
+def test_pingpong_prints_both_round_trips_their_ratio_and_the_steps():
+    result = subprocess.run(
+        [sys.executable, "scripts/pingpong", "--requests", "200", "--rounds", "2", "--steps"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    reference, greentask = (float(line.split()[1]) for line in lines[:2])
+    assert lines[0].startswith("reference") and lines[1].startswith("greentask")
+    assert 0 < reference < 10_000 and 0 < greentask < 10_000  # µs: both servers answered
+    assert f"(ratio {reference / greentask:.2f})" in lines[1]
+    assert len(lines[2].split(": ")[1].split()) == 2  # one ratio per round
+    names = {line.rsplit(None, 2)[0] for line in lines[3:]}
+    assert {"parse_request", "encode_result", "Slot.count_task"} <= names, lines
+    assert all(float(line.split()[-2]) > 0 for line in lines[3:])  # ns per step
