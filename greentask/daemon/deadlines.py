@@ -5,7 +5,8 @@ the runner can tell its deadline from any other exception (a nested
 timeout of the task's own). Limits under :data:`COARSE_TIMEOUT_MIN` get a
 timer of their own (:class:`TimerDeadline`); longer ones are an entry in the
 :class:`DeadlineSweep`, checked every :data:`DEADLINE_SWEEP_INTERVAL`, which
-saves about a microsecond per task.
+saves about a microsecond per task. A cancelled task has a deadline too:
+:class:`CancelOverdue` ends one still running ``cancel_grace`` seconds later.
 """
 
 from __future__ import annotations
@@ -20,6 +21,11 @@ import greenlet
 COARSE_TIMEOUT_MIN = 2.0
 #: How often the sweep checks running tasks against their deadline (seconds).
 DEADLINE_SWEEP_INTERVAL = 0.25
+
+
+class CancelOverdue(BaseException):
+    """Thrown into a cancelled task still running after ``cancel_grace``: it ends now
+    (a BaseException, so the task's ``except Exception`` does not keep it alive)."""
 
 
 class Expired(BaseException):

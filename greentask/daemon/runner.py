@@ -44,6 +44,7 @@ from greentask.daemon import scoreboard
 from greentask.daemon.activity import FAILURES_KEPT, RUNNING_SHOWN, TaskKey, shown_progress
 from greentask.daemon.deadlines import (
     COARSE_TIMEOUT_MIN,
+    CancelOverdue,
     DeadlineSweep,
     Expired,
     TimerDeadline,
@@ -68,11 +69,6 @@ class TaskOwner(Protocol):
 
     def task_finished(self) -> None:
         """Called once per task, after its final reply was queued."""
-
-
-class CancelOverdue(BaseException):
-    """Thrown into a cancelled task still running after ``cancel_grace``: it ends now
-    (a BaseException, so the task's ``except Exception`` does not keep it alive)."""
 
 
 #: One task in flight, by its greenlet in :attr:`TaskRunner.running`: the
@@ -254,11 +250,8 @@ class TaskRunner:
         set_inflight = self._set_inflight
         set_inflight(len(running))
         try:
-            sink = None
-            if request.progress:
-                def sink(value: Any) -> None:
-                    self.last_progress[current] = value
-                    owner.send(encode_progress(request.id, value))
+            # Built elsewhere: a closure here makes its locals cells, slower on every task.
+            sink = self._progress_sink(request, owner, current) if request.progress else None
             line, outcome = self._execute(request, function, sink, current, owner.peer,
                                           started)
             self._count_task(request.function, outcome)
@@ -277,6 +270,13 @@ class TaskRunner:
             owner.task_finished()
         if self.max_tasks:
             self._check_recycle()
+
+    def _progress_sink(self, request: Request, owner: TaskOwner,
+                       task_greenlet: greenlet.greenlet) -> Callable[[Any], None]:
+        def sink(value: Any) -> None:
+            self.last_progress[task_greenlet] = value
+            owner.send(encode_progress(request.id, value))
+        return sink
 
     def _check_recycle(self) -> None:
         slot = self.slot
