@@ -273,6 +273,10 @@ class HAProxy:
         stop_process(self.proc)
 
 
+#: Seconds each task of the batch a host dies in sleeps.
+KILLED_BATCH_SLEEP = 2.0
+
+
 def test_haproxy_spreads_calls_and_survives_a_dead_host(make_daemon, tmp_path):
     from greentask import WorkerLost
     daemons = [make_daemon() for _ in range(3)]
@@ -291,9 +295,14 @@ def test_haproxy_spreads_calls_and_survives_a_dead_host(make_daemon, tmp_path):
         with TaskClient([f"127.0.0.1:{proxy.port}"], connections_per_server=9,
                         timeout=30) as client:
             for batch in range(10):
-                handles = [(i % 2 == 0, client.submit("sleep", 0.02, retry=i % 2 == 0))
+                # The batch the host dies in runs long tasks, so the kill lands
+                # while they run however slow the machine is.
+                seconds = KILLED_BATCH_SLEEP if batch == 5 else 0.02
+                handles = [(i % 2 == 0, client.submit("sleep", seconds, retry=i % 2 == 0))
                            for i in range(500)]
                 if batch == 5:  # kill one host while its share of the batch runs
+                    wait_until(lambda: victim.inflight() >= 20, 20,
+                               "the host to be killed to run its share of the batch")
                     for pid in [victim.pid, *victim.children()]:
                         os.kill(pid, signal.SIGKILL)
                 for retry, handle in handles:
@@ -304,8 +313,13 @@ def test_haproxy_spreads_calls_and_survives_a_dead_host(make_daemon, tmp_path):
                 if batch == 0:
                     served_by |= {client.call("pid") for _ in range(60)}
         assert len(outcomes[True]) + len(outcomes[False]) == 5000
-        assert outcomes[True] == [0.02] * 2500  # retry=True: every call succeeded
-        assert set(outcomes[False]) == {0.02, "lost"}  # only the killed host's tasks
+        # retry=True: every call succeeded, on another host if its own died.
+        assert outcomes[True] == [0.02] * 1250 + [KILLED_BATCH_SLEEP] * 250 + [0.02] * 1000
+        # retry=False: nothing was lost before the kill, the killed host's running
+        # tasks were, and no call failed any other way.
+        assert set(outcomes[False][:1250]) == {0.02}
+        assert "lost" in outcomes[False][1250:1500]
+        assert set(outcomes[False][1250:]) <= {0.02, KILLED_BATCH_SLEEP, "lost"}
         assert len(served_by) >= 3  # children of more than one host answered
         wait_until(lambda: "is DOWN" in proxy.log(), 5, "haproxy to mark the host down")
         assert "task" in proxy.log()
