@@ -13,11 +13,11 @@ Its parts: :mod:`greentask.aio.handle` (what a caller awaits) and
 :mod:`greentask.aio.transport` (one connection). Each connection is an
 :class:`asyncio.Protocol`: ``data_received`` feeds the core and resolves
 handles at once, with no reader task and no lock (the loop's one thread
-serialises everything). A write goes to the transport's
-buffer; a caller waits only while the buffer is above its high-water mark.
-A request whose connection dies after it was buffered may have reached the
-server, so it counts as sent: it raises :class:`WorkerLost` unless
-``retry=True``, as with the threaded client.
+serialises everything). A write goes to the transport's buffer; a caller
+waits only while the buffer is above its high-water mark. A request whose
+connection dies after it was buffered may have reached the server, so it
+counts as sent: it raises :class:`WorkerLost` unless ``retry=True``, as with
+the threaded client.
 
 Cancelling the coroutine that awaits a task (``task.cancel()``,
 ``asyncio.timeout()``) cancels the task on the server too.
