@@ -130,6 +130,17 @@ def floods_progress(count: int, size: int) -> int:
 
 
 @task
+def spins_until_exists(path: str, give_up_after: float = 120.0) -> str:
+    """Burns CPU without yielding until ``path`` exists (a hog the test releases, however
+    slow the machine); gives up after ``give_up_after`` seconds."""
+    deadline = time.monotonic() + give_up_after
+    while not os.path.exists(path):  # a stat: no greenlet switch
+        if time.monotonic() > deadline:
+            return "gave up"
+    return path
+
+
+@task
 def until_exists(path: str) -> str:
     """Runs until ``path`` exists: a test says when, however long it takes to set up."""
     while not os.path.exists(path):

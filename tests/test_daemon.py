@@ -88,10 +88,13 @@ def test_a_clients_two_connections_land_on_different_workers(daemon, connect):
     assert same <= 4, f"{same} of 40 pairs on one worker"
 
 
-def test_cpu_hog_in_one_child_does_not_stop_the_other(daemon, connect):
+def test_cpu_hog_in_one_child_does_not_stop_the_other(daemon, connect, tmp_path):
     hogged = connect(daemon.port, timeout=30)
     hog_pid = hogged.call({"function": "pid"})["result"]
-    hogged.send_json({"function": "cpu", "args": [60_000_000], "id": "hog"})
+    # The hog spins until the test releases it: it runs through the whole check
+    # however slow the machine, and answers at once when released.
+    release = tmp_path / "release-the-hog"
+    hogged.send_json({"function": "spins_until_exists", "args": [str(release)], "id": "hog"})
     # Once the hog runs, its process cannot accept: new connections go to the
     # other child. (A connection accepted in the same loop turn as the hog's
     # request would wait behind it, in the same process.) Its in-flight count
@@ -102,7 +105,8 @@ def test_cpu_hog_in_one_child_does_not_stop_the_other(daemon, connect):
         other = connect(daemon.port, timeout=10)
         reply = other.call({"function": "pid", "id": 1})
         assert reply["ok"] and reply["result"] != hog_pid
-    assert hogged.read_json()["id"] == "hog"
+    release.touch()
+    assert hogged.read_json() == {"ok": True, "result": str(release), "id": "hog"}
 
 
 @pytest.mark.parametrize("request_line, error_type, words", [
