@@ -133,3 +133,19 @@ def test_pingpong_prints_both_round_trips_their_ratio_and_the_steps():
     names = {line.rsplit(None, 2)[0] for line in lines[3:]}
     assert {"parse_request", "encode_result", "Slot.count_task"} <= names, lines
     assert all(float(line.split()[-2]) > 0 for line in lines[3:])  # ns per step
+
+
+def test_pingpong_counts_instructions_per_request_of_both_servers_under_callgrind():
+    result = subprocess.run(
+        [sys.executable, "scripts/pingpong", "--instructions", "--requests", "100",
+         "--warm-up", "50"], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == ["reference", "greentask"], lines
+    reference, greentask = (int(line.split()[1].replace(",", "")) for line in lines)
+    # Each server's Python and C per request: thousands of instructions, not
+    # the millions start-up costs (the count began after the warm-up).
+    assert 5_000 < reference < 500_000 and 5_000 < greentask < 500_000, lines
+    assert lines[0].endswith("(1.00 times the reference's)")
+    ratio = float(lines[1].split("(")[1].split()[0])  # of the unrounded counts
+    assert abs(ratio - greentask / reference) <= 0.011, lines
