@@ -28,7 +28,11 @@ class Registry:
     """Task name -> function."""
 
     def __init__(self) -> None:
+        # Changed in place only, so that ``get`` stays bound to it.
         self._tasks: dict[str, Callable[..., Any]] = {}
+        #: The task called ``name``, or None: :meth:`lookup` at C speed, for
+        #: the server's per-request path (which then calls ``lookup`` for the error).
+        self.get: Callable[[str], Callable[..., Any] | None] = self._tasks.get
 
     def add(self, function: Callable[..., Any], name: str | None = None) -> str:
         """Register ``function`` under ``name`` (default: its ``__name__``); return the name."""
@@ -49,14 +53,17 @@ class Registry:
         try:
             return self._tasks[name]
         except KeyError:
-            raise UnknownFunction(
-                f"no task named {name!r}; this server has {self.names()} "
-                "(add its module to [worker] tasks)") from None
+            raise self.unknown(name) from None
+
+    def unknown(self, name: str) -> UnknownFunction:
+        """The error for a request of ``name``, which no task has."""
+        return UnknownFunction(f"no task named {name!r}; this server has {self.names()} "
+                               "(add its module to [worker] tasks)")
 
     def remove_tasks_of(self, modules: Collection[str]) -> None:
         """Forget the tasks whose functions are defined in ``modules``."""
-        self._tasks = {name: fn for name, fn in self._tasks.items()
-                       if fn.__module__ not in modules}
+        for name in [name for name, fn in self._tasks.items() if fn.__module__ in modules]:
+            del self._tasks[name]
 
     def snapshot(self) -> dict[str, Callable[..., Any]]:
         """A copy of the name -> function table, for :meth:`restore`."""
@@ -64,7 +71,8 @@ class Registry:
 
     def restore(self, snapshot: dict[str, Callable[..., Any]]) -> None:
         """Go back to the tasks of a :meth:`snapshot`."""
-        self._tasks = dict(snapshot)
+        self._tasks.clear()
+        self._tasks.update(snapshot)
 
 
 #: The registry that ``@task`` fills and the server serves.
@@ -85,27 +93,22 @@ def task(function: Any = None, *, name: str | None = None) -> Any:
     return register(function) if function is not None else register
 
 
-def call_task(function: Callable[..., Any], args: list[Any] | dict[str, Any],
-              name: str | None = None) -> Any:
-    """Call ``function`` (registered as ``name``) with a request's ``args``.
+def bad_arguments(function: Callable[..., Any], args: list[Any] | dict[str, Any],
+                  name: str | None, exc: TypeError) -> BadArguments | None:
+    """What a ``TypeError`` from calling ``function(args)`` means: a :class:`BadArguments`
+    when the arguments do not fit its signature, or None when the task itself raised it.
 
-    Raises :class:`BadArguments` when the arguments do not fit its signature
-    (shown under the registered name, which is what the caller asked for);
-    anything the task raises propagates.
+    Binding only on failure keeps the common path free of inspect: if the
+    arguments cannot bind, the TypeError came from the call itself and the
+    task never started.
     """
-    try:
-        if isinstance(args, dict):
-            return function(**args)
-        return function(*args)
-    except TypeError as exc:
-        # Binding only on failure keeps the common path free of inspect: if the
-        # arguments cannot bind, the TypeError came from the call itself and the
-        # task never started.
-        reason = _binding_error(function, args)
-        if reason is None:
-            raise
-        raise BadArguments(f"{reason}; the signature is "
-                           f"{_describe(function, name or function.__name__)}") from exc
+    reason = _binding_error(function, args)
+    if reason is None:
+        return None
+    bad = BadArguments(f"{reason}; the signature is "
+                       f"{_describe(function, name or function.__name__)}")
+    bad.__cause__ = exc
+    return bad
 
 
 def _binding_error(function: Callable[..., Any], args: list[Any] | dict[str, Any]) -> str | None:

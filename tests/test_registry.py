@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from greentask.errors import BadArguments, UnknownFunction
-from greentask.registry import Registry, call_task, progress, progress_sink, task
+from greentask.registry import Registry, bad_arguments, progress, progress_sink, task
 
 
 def add(a, b=2):
@@ -21,16 +21,24 @@ def test_register_and_look_up():
         registry.lookup("sub")
 
 
+def test_get_follows_every_change_of_the_table():
+    # The server binds registry.get once per connection: it must see reloads.
+    registry = Registry()
+    get = registry.get
+    registry.add(add, "add")
+    saved = registry.snapshot()
+    assert get("add") is add and get("sub") is None
+    registry.remove_tasks_of([__name__])
+    assert get("add") is None and registry.names() == []
+    registry.restore(saved)
+    assert get("add") is add
+
+
 def test_a_name_cannot_be_taken_twice():
     registry = Registry()
     registry.add(add, "x")
     with pytest.raises(ValueError, match="already used"):
         registry.add(lambda: 1, "x")
-
-
-def test_call_with_keywords_and_positions():
-    assert call_task(add, {"a": 1, "b": 5}) == 6
-    assert call_task(add, [1]) == 3
 
 
 @pytest.mark.parametrize("args, reason", [
@@ -39,17 +47,22 @@ def test_call_with_keywords_and_positions():
     ([1, 2, 3], "too many positional arguments"),
 ])
 def test_arguments_that_do_not_fit_say_which(args, reason):
-    with pytest.raises(BadArguments) as info:
-        call_task(add, args)
-    assert reason in info.value.message
-    assert "the signature is add(a, b=2)" in info.value.message
+    with pytest.raises(TypeError) as raised:
+        add(**args) if isinstance(args, dict) else add(*args)
+    bad = bad_arguments(add, args, None, raised.value)
+    assert isinstance(bad, BadArguments) and bad.__cause__ is raised.value
+    assert reason in bad.message
+    assert "the signature is add(a, b=2)" in bad.message
+    assert "the signature is math.add(a, b=2)" in bad_arguments(add, args, "math.add",
+                                                                raised.value).message
 
 
 def test_type_error_inside_the_task_is_not_bad_arguments():
     def broken(x):
         return x + "s"
-    with pytest.raises(TypeError):
-        call_task(broken, [1])
+    with pytest.raises(TypeError) as raised:
+        broken(1)
+    assert bad_arguments(broken, [1], None, raised.value) is None
 
 
 def test_decorator_forms():

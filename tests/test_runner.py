@@ -139,6 +139,28 @@ def test_outcomes_are_counted_once_each_with_their_reply(registry):
     assert all(abs(f["at"] - time.time()) < 60 for f in failures)
 
 
+def test_arguments_that_do_not_fit_are_bad_arguments_and_a_tasks_own_type_error_is_not(
+        registry):
+    def adds(a, b=1):
+        return a + b  # a TypeError of its own for adds("x")
+
+    registry.add(adds, "adds")
+    runner, slot = make_runner(registry)
+    owner = Replies()
+    for request_id, args in enumerate(([1, 2], {"a": 1}, [], {"c": 1}, [1, 2, 3], ["x"])):
+        runner.submit(request("adds", args, request_id=request_id), registry.lookup("adds"),
+                      owner)
+    green_wait(lambda: owner.finished == 6, 5, "six replies")
+    assert [owner.final(i).get("result") for i in (0, 1)] == [3, 2]
+    for request_id in (2, 3, 4):
+        error = owner.final(request_id)["error"]
+        assert error["type"] == "BadArguments" and "the signature is adds(a, b=1)" in \
+            error["message"], error
+    assert owner.final(5)["error"]["type"] == "TaskError" and \
+        owner.final(5)["error"]["message"].startswith("TypeError: can only concatenate")
+    assert (slot.get(scoreboard.DONE), slot.get(scoreboard.FAILED)) == (2, 4)
+
+
 def test_a_short_limit_has_its_own_timer_and_is_not_swallowed_by_the_task(registry):
     def stubborn():
         try:

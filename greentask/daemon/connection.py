@@ -127,10 +127,10 @@ class Connection:
         self._ask_grace = IDLE_GRACE
         # Bound once: the per-request path below is the hot one.
         self.runner = runner
-        self._lookup = runner.registry.lookup
+        self._get_task = runner.registry.get
         self._submit = runner.submit
         self._spawn = runner.spawn
-        self._pending_watchers = runner.pending_watchers
+        self._counting_loop = runner.counting_loop
 
     def _enter(self, phase: Phase, now: float | None = None) -> None:
         """Move to ``phase`` (at ``now``); the one place a connection's phase changes."""
@@ -257,7 +257,7 @@ class Connection:
         writable = writer.writable
         recv = self.sock.recv
         lines = self._lines
-        pending_watchers = self._pending_watchers
+        counting_loop = self._counting_loop
         while True:
             while lines:
                 self._handle_line(lines.popleft())
@@ -268,15 +268,16 @@ class Connection:
                 self._enter(Phase.CLOSING)
             if self.phase is CLOSING or writer.broken:
                 return False
-            if not pending_watchers():
-                # Nothing else is ready in this loop turn: the replies go out
-                # before the next read, as a bare server's would (the peer's
-                # next request may then be there already). Otherwise they join
-                # the turn's batch: writing while other peers wait costs more.
+            if counting_loop is not None and not counting_loop.pendingcnt:
+                # Nothing else is ready in this loop turn: the replies go out before
+                # the next read, as a bare server's would (the peer's next request may
+                # then be there). Otherwise (or if the loop cannot tell) they join the
+                # turn's batch: writing while other peers wait costs more.
                 writer.flush()
             self._parked = True
             try:
-                writable.wait()
+                if writer.stalled:
+                    writable.wait()
                 data = recv(RECV_SIZE)
             except OSError:
                 self._peer_done = True
@@ -360,10 +361,9 @@ class Connection:
         if refusal is not None:
             self.send(encode_error(request.id, refusal))
             return
-        try:
-            function = self._lookup(request.function)
-        except RemoteError as exc:
-            self.send(encode_error(request.id, exc))
+        function = self._get_task(request.function)
+        if function is None:
+            self.send(encode_error(request.id, self.runner.registry.unknown(request.function)))
             return
         if self.inflight >= self._max_inflight:
             self._below_limit.clear()

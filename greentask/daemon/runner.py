@@ -52,10 +52,9 @@ from greentask.daemon.deadlines import (
 from greentask.daemon.greenlets import GreenletPool
 from greentask.errors import Cancelled, RemoteError, TaskError, TaskTimeout
 from greentask.protocol import Request, encode_error, encode_progress, encode_result
-from greentask.registry import Registry, call_task, progress_sink, set_cancel_point
+from greentask.registry import Registry, bad_arguments, progress_sink, set_cancel_point
 
 log = logging.getLogger("greentask.worker")
-
 
 
 class TaskOwner(Protocol):
@@ -120,11 +119,10 @@ class TaskRunner:
         self.greenlets = GreenletPool()
         self.spawn = self.greenlets.spawn
         self._loop = gevent.get_hub().loop
-        #: How many event-loop watchers are ready and not yet run in this turn
-        #: (libev tells; libuv does not, and then it is always 1).
-        self.pending_watchers: Callable[[], int] = (
-            (lambda loop=self._loop: loop.pendingcnt)
-            if hasattr(type(self._loop), "pendingcnt") else (lambda: 1))
+        #: The event loop, if it tells how many watchers are ready and not yet
+        #: run in this turn (``pendingcnt``: libev does, libuv does not).
+        self.counting_loop: Any = self._loop if hasattr(type(self._loop), "pendingcnt") \
+            else None
         #: The last progress value of each running task that reports progress.
         self.last_progress: dict[greenlet.greenlet, Any] = {}
         #: The last failures, newest last: (time.time(), function, error type, message).
@@ -302,16 +300,17 @@ class TaskRunner:
         else:
             expired = Expired()
             self.sweep.deadlines[current] = (started + seconds, expired)
+        args = request.args  # _failure tells bad arguments from a task's own TypeError
         try:
             if sink is None:
-                result = call_task(function, request.args, request.function)
+                result = function(**args) if type(args) is dict else function(*args)
             else:
                 with progress_sink(sink):
-                    result = call_task(function, request.args, request.function)
+                    result = function(**args) if type(args) is dict else function(*args)
         except (Exception, SystemExit, CancelOverdue, Expired) as exc:
             if isinstance(exc, Expired) and exc is not expired:
                 raise  # not this task's deadline: someone else's to handle
-            return self._failure(request, peer, exc, seconds)
+            return self._failure(request, function, peer, exc, seconds)
         finally:
             if timer is None:
                 del self.sweep.deadlines[current]
@@ -332,9 +331,11 @@ class TaskRunner:
             self._failed(request, peer, error)
             return encode_error(request.id, error), scoreboard.FAILED
 
-    def _failure(self, request: Request, peer: str, exc: BaseException,
-                 seconds: float) -> tuple[bytes, int]:
+    def _failure(self, request: Request, function: Callable[..., Any], peer: str,
+                 exc: BaseException, seconds: float) -> tuple[bytes, int]:
         """The final reply line and outcome of a task that raised ``exc``; failures are logged."""
+        if isinstance(exc, TypeError):
+            exc = bad_arguments(function, request.args, request.function, exc) or exc
         if isinstance(exc, Cancelled):
             return encode_error(request.id, exc), scoreboard.CANCELLED
         if isinstance(exc, CancelOverdue):
@@ -360,7 +361,6 @@ class TaskRunner:
         if self.debug:
             message += "\n" + "".join(traceback.format_exception(exc))
         return TaskError(message)
-
 
     def _failed(self, request: Request, peer: str, error: BaseException,
                 traceback_of: BaseException | None = None) -> None:

@@ -58,9 +58,11 @@ class ReplyWriter:
         self._high_water = max_queued // 4
         #: Unsent bytes; the reader stops reading above a quarter of max_queued.
         self.size = 0
-        #: Set while the peer can take more replies (size under the high water).
+        #: Set while the peer can take more replies (size under the high water);
+        #: ``stalled`` is True while it is not (a plain attribute: cheaper to test).
         self.writable = Event()
         self.writable.set()
+        self.stalled = False
         #: When the peer last took reply bytes (or the queue last became non-empty).
         self.last_progress = time.monotonic()
         self._fd = None if isinstance(sock, ssl.SSLSocket) else sock.fileno()
@@ -73,8 +75,8 @@ class ReplyWriter:
         self._flush_callback: Any = None
         self._writer: gevent.Greenlet | None = None
         self._loop = gevent.get_hub().loop
-        self._flushed = Event()
-        self._flushed.set()
+        #: Made only when someone waits for the replies to be sent (most never do).
+        self._flushed: Event | None = None
 
     def send(self, data: bytes) -> None:
         """Queue ``data``; dropped (and counted) once the peer is gone."""
@@ -85,12 +87,12 @@ class ReplyWriter:
             self.last_progress = time.monotonic()
         self._outbox.append(data)
         self.size += len(data)
-        self._flushed.clear()
         if self.size > self._high_water:
             if self.size > self.max_queued:
                 self.cut_off(f"more than {self.max_queued} bytes of replies were queued "
                              "([worker] max_queued_replies)")
                 return
+            self.stalled = True
             self.writable.clear()
         if self._flush_callback is None and self._writer is None:
             self._flush_callback = self._loop.run_callback(self._flush_without_blocking)
@@ -125,10 +127,16 @@ class ReplyWriter:
 
     def wait_flushed(self) -> None:
         """Block until everything queued is sent (or the peer is gone)."""
-        self._flushed.wait()
+        while not self.broken and (self._outbox or self._sending):
+            if self._flushed is None:
+                self._flushed = Event()
+            else:
+                self._flushed.clear()
+            self._flushed.wait()
 
     def _take(self) -> bytes:
-        data = b"".join(self._outbox) if len(self._outbox) > 1 else self._outbox[0]
+        outbox = self._outbox
+        data = b"".join(outbox) if len(outbox) > 1 else outbox[0]
         self._outbox = []
         self.size = 0
         return data
@@ -141,7 +149,10 @@ class ReplyWriter:
         if self._fd is None:
             self._writer = gevent.spawn(self._write_loop)
             return
-        data = self._take()
+        outbox = self._outbox
+        data = b"".join(outbox) if len(outbox) > 1 else outbox[0]  # _take, inlined
+        self._outbox = []
+        self.size = 0
         try:
             sent = os.write(self._fd, data)
         except BlockingIOError:
@@ -154,7 +165,10 @@ class ReplyWriter:
             self.size += len(data) - sent
             self._writer = gevent.spawn(self._write_loop)
             return
-        self._sent()
+        if self.stalled or self._flushed is not None:
+            self._sent()
+        # Otherwise _sent has nothing to do: last_progress matters only while
+        # replies wait, and a send sets it when it queues into an empty outbox.
 
     def _write_loop(self) -> None:
         while self._outbox:
@@ -171,9 +185,10 @@ class ReplyWriter:
 
     def _sent(self) -> None:
         self.last_progress = time.monotonic()
-        if self.size <= self._high_water:
+        if self.stalled and self.size <= self._high_water:
+            self.stalled = False
             self.writable.set()
-        if not self._outbox:
+        if not self._outbox and self._flushed is not None:
             self._flushed.set()
 
     def _fail(self, unsent: bytes, exc: OSError) -> None:
@@ -186,8 +201,10 @@ class ReplyWriter:
                                                              *self._outbox))
         self._outbox = []
         self.size = 0
+        self.stalled = False
         self.writable.set()
-        self._flushed.set()
+        if self._flushed is not None:
+            self._flushed.set()
         log.debug("peer went away, replies dropped: %s", exc)
 
 
