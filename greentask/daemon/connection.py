@@ -54,6 +54,7 @@ from greentask.daemon.admission import Admission, ConnectionLimits
 from greentask.daemon.lifecycle import check_move
 from greentask.daemon.phase import ASKED_TO_CLOSE, CLOSING, OPEN, PHASE_MOVES, Phase
 from greentask.daemon.runner import TaskRunner
+from greentask.daemon.waiters import Waiters
 from greentask.daemon.writer import ReplyWriter, linger
 from greentask.errors import BadRequest, RemoteError, ShuttingDown, TaskTimeout, Unauthorized
 from greentask.protocol import (
@@ -107,10 +108,9 @@ class Connection:
         self.send = self.writer.send
         #: Tasks of this connection that have not finished.
         self.inflight = 0
-        self._below_limit = Event()
-        self._below_limit.set()
-        self._idle = Event()
-        self._idle.set()
+        #: Who waits for one of them to finish: the reader at the in-flight
+        #: limit, and the end of serve for the last.
+        self._task_done = Waiters()
         #: The reader greenlet, and whether it is waiting for input or its writer
         #: (the only places it may be woken with StopReading).
         self._reader: greenlet.greenlet | None = None
@@ -146,7 +146,7 @@ class Connection:
             self._read()
             self._reading_ended.wait()  # reading was handed over: the last reader ends it
         finally:
-            self._idle.wait()
+            self._task_done.wait_until(lambda: not self.inflight)
             self.writer.wait_flushed()
             self.writer.log_losses(self.peer)
             if not self._peer_done and not self.writer.broken:
@@ -246,10 +246,8 @@ class Connection:
     def task_finished(self) -> None:
         """The runner finished one of this connection's tasks (its reply is queued)."""
         self.inflight -= 1
-        if not self.inflight:
-            self._idle.set()
-        if self.inflight < self._max_inflight and not self._below_limit.is_set():
-            self._below_limit.set()
+        if self._task_done.anyone:
+            self._task_done.wake()
 
     def _read_loop(self, current: greenlet.greenlet) -> bool:
         """Read and handle lines; True when another greenlet took over reading."""
@@ -366,11 +364,13 @@ class Connection:
             self.send(encode_error(request.id, self.runner.registry.unknown(request.function)))
             return
         if self.inflight >= self._max_inflight:
-            self._below_limit.clear()
-            self._below_limit.wait()  # backpressure: this peer's requests wait in TCP
+            # Backpressure: this peer's requests wait in TCP.
+            self._task_done.wait_until(self._below_limit)  # a method: no closure here
         self.inflight += 1
-        self._idle.clear()
         self._submit(request, function, self, self._hand_over_reading)
+
+    def _below_limit(self) -> bool:
+        return self.inflight < self._max_inflight
 
     def _refuse(self, line: bytes) -> None:
         """Answer a line read after the connection began closing: it is not run."""

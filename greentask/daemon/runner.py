@@ -36,7 +36,6 @@ from typing import Any, Protocol
 import gevent
 import greenlet
 import ujson
-from gevent.event import Event
 from gevent.lock import Semaphore
 from greenlet import getcurrent
 
@@ -50,6 +49,7 @@ from greentask.daemon.deadlines import (
     TimerDeadline,
 )
 from greentask.daemon.greenlets import GreenletPool
+from greentask.daemon.waiters import Waiters
 from greentask.errors import Cancelled, RemoteError, TaskError, TaskTimeout
 from greentask.protocol import Request, encode_error, encode_progress, encode_result
 from greentask.registry import Registry, bad_arguments, progress_sink, set_cancel_point
@@ -113,8 +113,8 @@ class TaskRunner:
         self.cancelling: dict[greenlet.greenlet, str] = {}
         self._told: set[greenlet.greenlet] = set()
         set_cancel_point(self._cancel_point)
-        self._idle = Event()
-        self._idle.set()
+        #: Who waits for the last task to finish (a drain).
+        self._finished = Waiters()
         #: The reused greenlets tasks and connections run in.
         self.greenlets = GreenletPool()
         self.spawn = self.greenlets.spawn
@@ -230,7 +230,7 @@ class TaskRunner:
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until no task runs; False if some still run after ``timeout`` seconds."""
-        return self._idle.wait(timeout=timeout)
+        return self._finished.wait_until(lambda: not self.running, timeout)
 
     def kill_all(self) -> None:
         """Kill every running task (a drain ran out of time)."""
@@ -244,7 +244,6 @@ class TaskRunner:
         running = self.running
         started = monotonic()
         running[current] = (owner, request, started)
-        self._idle.clear()
         set_inflight = self._set_inflight
         set_inflight(len(running))
         try:
@@ -263,8 +262,8 @@ class TaskRunner:
                 self._told.discard(current)
             set_inflight(len(running))
             self._release_permit()
-            if not running:
-                self._idle.set()
+            if self._finished.anyone:
+                self._finished.wake()
             owner.task_finished()
         if self.max_tasks:
             self._check_recycle()
