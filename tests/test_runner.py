@@ -178,17 +178,19 @@ def test_a_short_limit_has_its_own_timer_and_is_not_swallowed_by_the_task(regist
     assert time.monotonic() - started < 2
     assert owner.final(7)["error"]["type"] == "Timeout"
     assert "0.2 s" in owner.final(7)["error"]["message"]
-    assert slot.get(scoreboard.TIMED_OUT) == 1 and not runner.sweep.deadlines
+    assert slot.get(scoreboard.TIMED_OUT) == 1 and not runner.running
 
 
 def test_a_long_limit_is_enforced_by_the_sweep(registry):
     runner, slot = make_runner(registry, task_timeout=COARSE_TIMEOUT_MIN)
     owner = Replies()
     runner.submit(request("sleep", [30], request_id=1), registry.lookup("sleep"), owner)
-    green_wait(lambda: runner.sweep.deadlines, 5, "the task on the sweep's list")
+    green_wait(lambda: runner.running, 5, "the task running")
+    (_, _, started), = runner.running.values()
     green_wait(lambda: owner.finished, COARSE_TIMEOUT_MIN + 5, "the sweep's timeout")
+    assert time.monotonic() - started >= COARSE_TIMEOUT_MIN  # not before its limit
     assert owner.final(1)["error"]["type"] == "Timeout"
-    assert slot.get(scoreboard.TIMED_OUT) == 1 and not runner.sweep.deadlines
+    assert slot.get(scoreboard.TIMED_OUT) == 1 and not runner.running
 
 
 def test_running_tasks_are_findable_by_owner_and_id(registry):

@@ -1,17 +1,20 @@
 """Task deadlines: two small strategies with one shape, after rq's death penalty.
 
-Each throws its own :class:`Expired` into the task when its time is up, so
-the runner can tell its deadline from any other exception (a nested
-timeout of the task's own). Limits under :data:`COARSE_TIMEOUT_MIN` get a
-timer of their own (:class:`TimerDeadline`); longer ones are an entry in the
-:class:`DeadlineSweep`, checked every :data:`DEADLINE_SWEEP_INTERVAL`, which
-saves about a microsecond per task. A cancelled task has a deadline too:
-:class:`CancelOverdue` ends one still running ``cancel_grace`` seconds later.
+Each throws an :class:`Expired` naming the run it is for into the task when
+its time is up, so the runner can tell its deadline from any other exception
+(a nested timeout of the task's own). Limits under :data:`COARSE_TIMEOUT_MIN`
+get a timer of their own (:class:`TimerDeadline`); longer ones are checked by
+the :class:`DeadlineSweep` every :data:`DEADLINE_SWEEP_INTERVAL`, against the
+runner's table of running tasks: nothing per task at all. A cancelled task
+has a deadline too: :class:`CancelOverdue` ends one still running
+``cancel_grace`` seconds later.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import gevent
 import greenlet
@@ -30,17 +33,21 @@ class CancelOverdue(BaseException):
 
 class Expired(BaseException):
     """Thrown into a task past its deadline (a BaseException, like ``gevent.Timeout``,
-    so a task's ``except Exception`` does not swallow it)."""
+    so a task's ``except Exception`` does not swallow it). ``run`` is the running
+    task's entry it was meant for: another task's, or another run's, is not this one's."""
+
+    def __init__(self, run: object) -> None:
+        super().__init__()
+        self.run = run
 
 
 class TimerDeadline:
     """A limit with a timer of its own: for short limits, where the sweep is too coarse."""
 
-    __slots__ = ("_timeout", "expired")
+    __slots__ = ("_timeout",)
 
-    def __init__(self, seconds: float) -> None:
-        self.expired = Expired()
-        self._timeout = gevent.Timeout(seconds, self.expired)
+    def __init__(self, seconds: float, run: object) -> None:
+        self._timeout = gevent.Timeout(seconds, Expired(run))
         self._timeout.start()
 
     def cancel(self) -> None:
@@ -49,12 +56,18 @@ class TimerDeadline:
 
 
 class DeadlineSweep:
-    """Running tasks with a long limit, and the timer that expires them."""
+    """The timer that expires the running tasks with a long limit.
 
-    def __init__(self, interval: float = DEADLINE_SWEEP_INTERVAL) -> None:
-        #: Task greenlet -> (deadline, what to throw into it); the runner adds
-        #: and removes a task's entry itself (no object per task on this path).
-        self.deadlines: dict[greenlet.greenlet, tuple[float, Expired]] = {}
+    It reads the runner's table of running tasks itself, so a task with a long
+    limit costs nothing per task: its deadline is worked out at each sweep.
+    """
+
+    def __init__(self, running: Mapping[greenlet.greenlet, Any],
+                 deadline_of: Callable[[Any], float | None],
+                 interval: float = DEADLINE_SWEEP_INTERVAL) -> None:
+        self._running = running
+        #: A running task's deadline, or None when a timer of its own enforces it.
+        self._deadline_of = deadline_of
         self._timer = gevent.get_hub().loop.timer(interval, interval)
 
     def start(self) -> None:
@@ -67,8 +80,11 @@ class DeadlineSweep:
 
     def _expire(self) -> None:
         # Runs in the hub, like gevent.Timeout's own timers: every task listed
-        # is suspended inside its task, so the throw lands there.
+        # is suspended inside its task, so the throw lands there (once per
+        # sweep, until it ends: a task that catches it is told again).
         now = time.monotonic()
-        for task_greenlet, (deadline, expired) in list(self.deadlines.items()):
-            if now >= deadline and self.deadlines.get(task_greenlet, (0, None))[1] is expired:
-                task_greenlet.throw(expired)
+        for task_greenlet, run in list(self._running.items()):
+            deadline = self._deadline_of(run)
+            if deadline is not None and now >= deadline and \
+                    self._running.get(task_greenlet) is run:
+                task_greenlet.throw(Expired(run))

@@ -13,7 +13,8 @@ outcome once, and tells the owner the task is done.
 
 A task's deadline is one of the two strategies of
 :mod:`greentask.daemon.deadlines`; the runner maps exactly the
-:class:`~greentask.daemon.deadlines.Expired` it armed to a Timeout reply.
+:class:`~greentask.daemon.deadlines.Expired` meant for this run of the task
+(it names the task's entry in :attr:`TaskRunner.running`) to a Timeout reply.
 
 Every running task is in :attr:`TaskRunner.running`, by its greenlet, and
 findable by ``(owner, request id)`` with :meth:`TaskRunner.find`, or by its
@@ -108,7 +109,7 @@ class TaskRunner:
         self._count_task = slot.count_task
         #: Every task in flight, by the greenlet it runs in.
         self.running: dict[greenlet.greenlet, RunningTask] = {}
-        self.sweep = DeadlineSweep()
+        self.sweep = DeadlineSweep(self.running, self._sweep_deadline)
         #: The greenlets of the tasks told to stop (with why), and of those already told.
         self.cancelling: dict[greenlet.greenlet, str] = {}
         self._told: set[greenlet.greenlet] = set()
@@ -243,14 +244,13 @@ class TaskRunner:
         current = getcurrent()
         running = self.running
         started = monotonic()
-        running[current] = (owner, request, started)
+        running[current] = run = (owner, request, started)
         set_inflight = self._set_inflight
         set_inflight(len(running))
         try:
             # Built elsewhere: a closure here makes its locals cells, slower on every task.
             sink = self._progress_sink(request, owner, current) if request.progress else None
-            line, outcome = self._execute(request, function, sink, current, owner.peer,
-                                          started)
+            line, outcome = self._execute(request, function, sink, current, owner.peer, run)
             self._count_task(request.function, outcome)
             owner.send(line)
         finally:
@@ -275,6 +275,13 @@ class TaskRunner:
             owner.send(encode_progress(request.id, value))
         return sink
 
+    def _sweep_deadline(self, run: RunningTask) -> float | None:
+        """When a running task's limit is up, if the sweep enforces it (None: a timer does)."""
+        timeout, seconds = run[1].timeout, self.task_timeout
+        if timeout is not None and timeout < seconds:  # the limit, as _execute has it
+            seconds = timeout
+        return run[2] + seconds if seconds >= COARSE_TIMEOUT_MIN else None
+
     def _check_recycle(self) -> None:
         slot = self.slot
         if slot.get(scoreboard.DONE) + slot.get(scoreboard.FAILED) + \
@@ -283,7 +290,7 @@ class TaskRunner:
 
     def _execute(self, request: Request, function: Callable[..., Any],
                  sink: Callable[[Any], None] | None, current: greenlet.greenlet,
-                 peer: str, started: float) -> tuple[bytes, int]:
+                 peer: str, run: RunningTask) -> tuple[bytes, int]:
         """Run one task within its limit; return its final reply line and its outcome.
 
         Every failure is logged (WARNING, one line, with the traceback when
@@ -292,13 +299,8 @@ class TaskRunner:
         seconds = self.task_timeout
         if request.timeout is not None and request.timeout < seconds:
             seconds = request.timeout
-        timer = None
-        if seconds < COARSE_TIMEOUT_MIN:
-            timer = TimerDeadline(seconds)
-            expired = timer.expired
-        else:
-            expired = Expired()
-            self.sweep.deadlines[current] = (started + seconds, expired)
+        # A long limit is the sweep's, which reads self.running: nothing to arm.
+        timer = TimerDeadline(seconds, run) if seconds < COARSE_TIMEOUT_MIN else None
         args = request.args  # _failure tells bad arguments from a task's own TypeError
         try:
             if sink is None:
@@ -307,16 +309,14 @@ class TaskRunner:
                 with progress_sink(sink):
                     result = function(**args) if type(args) is dict else function(*args)
         except (Exception, SystemExit, CancelOverdue, Expired) as exc:
-            if isinstance(exc, Expired) and exc is not expired:
+            if isinstance(exc, Expired) and exc.run is not run:
                 raise  # not this task's deadline: someone else's to handle
             return self._failure(request, function, peer, exc, seconds)
         finally:
-            if timer is None:
-                del self.sweep.deadlines[current]
-            else:
+            if timer is not None:
                 timer.cancel()
             if self.measure_durations:
-                self.slot.observe(request.function, time.monotonic() - started)
+                self.slot.observe(request.function, time.monotonic() - run[2])
         if current in self.cancelling:
             # Cancelled, it cleaned up and returned: what it returned is what it did.
             return encode_error(request.id, Cancelled(
