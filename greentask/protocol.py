@@ -282,13 +282,18 @@ def encode_result(request_id: RequestId, result: Any) -> bytes:
 
     Raises ``TypeError`` or ``OverflowError`` when ``result`` is not JSON.
     """
-    # encode_line, inlined: this is the line of every task that succeeds.
-    reply = {"ok": True, "result": result} if request_id is None else \
-        {"ok": True, "result": result, "id": request_id}
-    text = ujson.dumps(reply)
+    # The line of every task that succeeds: its envelope is written here around
+    # ujson's text of the result (the same bytes as ujson.dumps of the whole
+    # reply, in half its time: ujson's cost is mostly per call and per key).
+    # Strict only when the text has NaN or Infinity, as in encode_line.
+    text = ujson.dumps(result)
     if "NaN" in text or "Infinity" in text:
-        text = ujson.dumps(reply, allow_nan=False)
-    return (text + "\n").encode()
+        text = ujson.dumps(result, allow_nan=False)
+    if request_id is None:
+        return f'{{"ok":true,"result":{text}}}\n'.encode()
+    if type(request_id) is not int:
+        request_id = ujson.dumps(request_id)
+    return f'{{"ok":true,"result":{text},"id":{request_id}}}\n'.encode()
 
 
 def encode_error(request_id: RequestId, error: RemoteError) -> bytes:

@@ -169,10 +169,29 @@ def test_encode_replies():
     assert ujson.loads(encode_progress(7, {"done": 1})) == {"id": 7, "progress": {"done": 1}}
 
 
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-2 ** 64, 2 ** 64) |
+    st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) |
+    st.dictionaries(st.text(max_size=8), children, max_size=4), max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(request_id=st.none() | st.integers(-2 ** 62, 2 ** 62) | st.text(max_size=12),
+       result=JSON_VALUES)
+def test_a_result_line_is_the_bytes_ujson_makes_of_the_whole_reply(request_id, result):
+    # encode_result writes the envelope itself: it must be exactly ujson's.
+    reply = {"ok": True, "result": result}
+    if request_id is not None:
+        reply["id"] = request_id
+    assert encode_result(request_id, result) == (ujson.dumps(reply) + "\n").encode()
+
+
 def test_encode_rejects_values_that_are_not_json():
-    for value in (object(), b"bytes", float("nan")):
-        with pytest.raises((TypeError, OverflowError)):
-            encode_result(1, value)
+    for value in (object(), b"bytes", float("nan"), [float("inf")], {"x": float("-inf")}):
+        for request_id in (1, "a", None):
+            with pytest.raises((TypeError, OverflowError)):
+                encode_result(request_id, value)
 
 
 def test_request_round_trip():
