@@ -31,7 +31,7 @@ class Registry:
         # Changed in place only, so that ``get`` stays bound to it.
         self._tasks: dict[str, Callable[..., Any]] = {}
         #: The task called ``name``, or None: :meth:`lookup` at C speed, for
-        #: the server's per-request path (which then calls ``lookup`` for the error).
+        #: the server's per-request path (which answers None with :meth:`unknown`).
         self.get: Callable[[str], Callable[..., Any] | None] = self._tasks.get
 
     def add(self, function: Callable[..., Any], name: str | None = None) -> str:

@@ -275,11 +275,14 @@ class TaskRunner:
             owner.send(encode_progress(request.id, value))
         return sink
 
+    def _limit(self, request: Request) -> float:
+        """How long ``request`` may run: its own timeout, when under ``task_timeout``."""
+        timeout = request.timeout
+        return timeout if timeout is not None and timeout < self.task_timeout else self.task_timeout
+
     def _sweep_deadline(self, run: RunningTask) -> float | None:
         """When a running task's limit is up, if the sweep enforces it (None: a timer does)."""
-        timeout, seconds = run[1].timeout, self.task_timeout
-        if timeout is not None and timeout < seconds:  # the limit, as _execute has it
-            seconds = timeout
+        seconds = self._limit(run[1])
         return run[2] + seconds if seconds >= COARSE_TIMEOUT_MIN else None
 
     def _check_recycle(self) -> None:
@@ -296,9 +299,7 @@ class TaskRunner:
         Every failure is logged (WARNING, one line, with the traceback when
         the task raised); the reply carries the traceback only with ``debug``.
         """
-        seconds = self.task_timeout
-        if request.timeout is not None and request.timeout < seconds:
-            seconds = request.timeout
+        seconds = self._limit(request)
         # A long limit is the sweep's, which reads self.running: nothing to arm.
         timer = TimerDeadline(seconds, run) if seconds < COARSE_TIMEOUT_MIN else None
         args = request.args  # _failure tells bad arguments from a task's own TypeError

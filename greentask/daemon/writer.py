@@ -149,10 +149,7 @@ class ReplyWriter:
         if self._fd is None:
             self._writer = gevent.spawn(self._write_loop)
             return
-        outbox = self._outbox
-        data = b"".join(outbox) if len(outbox) > 1 else outbox[0]  # _take, inlined
-        self._outbox = []
-        self.size = 0
+        data = self._take()
         try:
             sent = os.write(self._fd, data)
         except BlockingIOError:
