@@ -270,3 +270,13 @@ def test_nesting_is_capped_by_max_depth_and_brackets_in_strings_do_not_count():
     assert parse_request(nested(64)).function == "echo"  # the default
     with pytest.raises(BadRequest, match="64 levels"):
         parse_request(nested(65))
+
+
+@given(depth=st.integers(1, 12), max_depth=st.integers(1, 12))
+def test_the_shortest_object_of_each_depth_is_judged_by_its_depth(depth, max_depth):
+    # The length test before counting brackets must never clear a line that
+    # is too deep: the shortest object of a depth is little but its brackets.
+    line = b'{"":' + b"[" * (depth - 1) + b"]" * (depth - 1) + b"}"
+    with pytest.raises(BadRequest) as info:
+        parse_request(line, max_depth=max_depth)
+    assert ("levels deep" in info.value.message) == (depth > max_depth), info.value.message
