@@ -422,3 +422,22 @@ def test_connections_past_the_per_peer_limit_are_told_and_refused(make_server):
     fourth = Peer(port_of(server))  # a place is free again
     fourth.send({"function": "echo", "args": [4], "id": 4})
     assert fourth.read() == {"id": 4, "ok": True, "result": 4}
+
+
+def test_a_reader_waits_for_input_on_the_gevent_sockets_own_watcher(make_server):
+    # A reader whose replies wait for the turn's batch waits on this watcher
+    # before it reads (no recv failing with EAGAIN); were gevent to rename
+    # it, the connection would silently go back to a recv first.
+    server = make_server()
+    first, second = Peer(port_of(server)), Peer(port_of(server))
+    for peer in (first, second):
+        peer.send({"function": "echo", "args": [0]})
+        assert peer.read() == {"ok": True, "result": 0}
+    # Both lines arrive in one loop turn: the first reader's reply is batched.
+    first.send({"function": "echo", "args": [1]})
+    second.send({"function": "echo", "args": [2]})
+    assert (first.read(), second.read()) == ({"ok": True, "result": 1},
+                                             {"ok": True, "result": 2})
+    for connection in server.connections:
+        assert connection._readable is not None
+        assert connection._readable is connection.sock._read_event

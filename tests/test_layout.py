@@ -18,6 +18,9 @@ LONGER = {
     "greentask/daemon/master.py":
         "the master's policy (its loop, signals, deaths, generations and control answers) "
         "changes one state; everything it drives is in modules of its own",
+    "greentask/daemon/connection.py":
+        "one peer's state and every move of it (reading, admitting, closing, the idle "
+        "checks) in one class: split in two, each half would reach into the other's fields",
     "greentask/daemon/connection.py:Connection.__init__":
         "the declaration of a connection's state, one documented field per line",
     "greentask/examples/mail.py:send_bulk":
