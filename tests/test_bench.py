@@ -119,20 +119,24 @@ def test_cpu_per_request_prints_cpu_and_calls_for_this_checkout():
 
 def test_pingpong_prints_both_round_trips_their_ratio_and_the_steps():
     result = subprocess.run(
-        [sys.executable, "scripts/pingpong", "--requests", "200", "--rounds", "2", "--steps"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60)
+        [sys.executable, "scripts/pingpong", "--requests", "200", "--rounds", "2", "--steps",
+         "--floor"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    reference, greentask = (float(line.split()[1]) for line in lines[:2])
-    assert lines[0].startswith("reference") and lines[1].startswith("greentask")
-    assert 0 < reference < 10_000 and 0 < greentask < 10_000  # µs: both servers answered
+    assert [line.split()[0] for line in lines[:3]] == ["reference", "greentask", "floor"]
+    reference, greentask, floor = (float(line.split()[1]) for line in lines[:3])
+    # µs: each server answered every request (the floor raises on anything else)
+    assert 0 < reference < 10_000 and 0 < greentask < 10_000 and 0 < floor < 10_000
     # the ratio is of the unrounded means; the printed means are rounded to 0.1 µs
-    ratio = float(lines[1].split("(ratio ")[1].rstrip(")"))
-    assert abs(ratio - reference / greentask) <= 0.011, lines[:2]
-    assert len(lines[2].split(": ")[1].split()) == 2  # one ratio per round
-    names = {line.rsplit(None, 2)[0] for line in lines[3:]}
+    for line, measured in ((lines[1], greentask), (lines[2], floor)):
+        ratio = float(line.split("(ratio ")[1].split(")")[0])
+        assert abs(ratio - reference / measured) <= 0.011, lines[:3]
+    # each server's CPU per request: it ran in the measuring process
+    assert all(float(line.split("server CPU ")[1].split()[0]) > 0 for line in lines[:3])
+    assert len(lines[3].split(": ")[1].split()) == 2  # one ratio per round
+    names = {line.rsplit(None, 2)[0] for line in lines[4:]}
     assert {"parse_request", "encode_result", "Slot.count_task"} <= names, lines
-    assert all(float(line.split()[-2]) > 0 for line in lines[3:])  # ns per step
+    assert all(float(line.split()[-2]) > 0 for line in lines[4:])  # ns per step
 
 
 def test_pingpong_counts_instructions_per_request_of_both_servers_under_callgrind():
