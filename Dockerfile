@@ -13,6 +13,8 @@ WORKDIR /app
 COPY requirements.txt setup.py README.md ./
 COPY greentask ./greentask
 COPY conf ./conf
+# A slim image has no C compiler, so the hot path runs as Python here (setup.py
+# compiles it where mypyc and a compiler are installed: docs/performance.md).
 RUN pip install --no-cache-dir . \
     && useradd --system --uid 10001 --no-create-home --home-dir /app greentask
 USER greentask

@@ -167,10 +167,10 @@ def parse_request(line: bytes, max_depth: int = DEFAULT_MAX_DEPTH) -> Request | 
     # clears almost every other line without walking the parsed value.
     if len(line) > 2 * max_depth + 1 and line.count(b"[") + line.count(b"{") > max_depth and \
             _deeper_than(obj, max_depth):
-        exc = BadRequest(f"request nests arrays and objects more than {max_depth} levels "
-                         "deep ([worker] max_json_depth); flatten the arguments")
-        exc.request_id = _valid_id_or_none(request_id)
-        raise exc
+        too_deep = BadRequest(f"request nests arrays and objects more than {max_depth} "
+                              "levels deep ([worker] max_json_depth); flatten the arguments")
+        too_deep.request_id = _valid_id_or_none(request_id)
+        raise too_deep
     # The common request ({"function", "args", "id"}, all well typed) in a few
     # type checks; anything else takes the path that explains what is wrong.
     function, args = obj.get("function"), obj.get("args")

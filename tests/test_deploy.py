@@ -203,13 +203,21 @@ def test_the_dockerfile_install_and_start_commands_work_in_a_fresh_venv(tmp_path
     parser = dockerfile()
     app = tmp_path / "app"
     app.mkdir()
+    # What docker leaves out of the copied folders: the patterns for any depth
+    # (compiled modules of this machine, caches).
+    ignored = [line.removeprefix("**/").rstrip("/") for line in
+               (ROOT / ".dockerignore").read_text().splitlines() if line.startswith("**/")]
+    assert "*.so" in ignored
     for value in instructions(parser, "COPY"):
         *sources, target = value.split()
         for source in sources:
             destination = app / target / Path(source).name if target.endswith("/") else \
                 app / target
-            copy = shutil.copytree if (ROOT / source).is_dir() else shutil.copy
-            copy(ROOT / source, destination)
+            if (ROOT / source).is_dir():
+                shutil.copytree(ROOT / source, destination,
+                                ignore=shutil.ignore_patterns(*ignored))
+            else:
+                shutil.copy(ROOT / source, destination)
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     env = {**os.environ, "PATH": f"{venv / 'bin'}:{os.environ['PATH']}",

@@ -279,3 +279,25 @@ def test_the_dashboard_sees_running_tasks_oldest_first_and_cancels_one_by_key(re
                                        "message": "the task was cancelled from the dashboard"}
     assert [task["function"] for task in runner.activity()["running"]] == ["sleep"]
     runner.kill_all()
+
+
+def test_the_hot_path_runs_compiled_unless_installed_with_greentask_compile_0():
+    """setup.py compiles its HOT_PATH with mypyc; the suite runs what it installed.
+
+    .ci/run tests the compiled modules on 3.11 and 3.12, the source on 3.13.
+    """
+    import ast
+    import importlib
+    import os
+    import re
+    from pathlib import Path
+
+    setup_py = (Path(__file__).parent.parent / "setup.py").read_text()
+    hot_path = ast.literal_eval(re.search(r"^HOT_PATH = (\[.*?\])", setup_py, re.M | re.S)[1])
+    assert "greentask/daemon/runner.py" in hot_path
+    compiled = os.environ.get("GREENTASK_COMPILE", "1") != "0"
+    for path in hot_path:
+        module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+        assert module.__file__.endswith(".so") == compiled, (
+            f"{module.__name__} is {module.__file__}: install with scripts/_venv.sh (it "
+            "needs a C compiler), or run with GREENTASK_COMPILE=0 to test the source")

@@ -71,10 +71,10 @@ class TaskOwner(Protocol):
         """Called once per task, after its final reply was queued."""
 
 
-#: One task in flight, by its greenlet in :attr:`TaskRunner.running`: the
-#: connection it answers, its request and when it started (``time.monotonic``;
-#: a plain tuple: one is made per task).
-RunningTask = tuple[TaskOwner, Request, float]
+#: One task in flight, by its greenlet in :attr:`TaskRunner.running`: the connection it
+#: answers, its request and when it started (monotonic); a tuple, one per task, of any
+#: length to mypyc, which reboxes a fixed-length one: a deadline knows its run by identity.
+RunningTask = tuple[Any, ...]
 #: Why a task is stopped, as its Cancelled error says.
 BY_CALLER = "the task was cancelled by its caller"
 BY_OPERATOR = "the task was cancelled from the dashboard"
@@ -169,12 +169,11 @@ class TaskRunner:
         return None
 
     def cancel(self, owner: TaskOwner, request_id: Any) -> bool:
-        """Cancel ``owner``'s running task ``request_id``; False when none runs (finished,
-        or never sent): nothing to do, its final reply has gone or is about to.
+        """Cancel ``owner``'s task ``request_id``; False if none runs (done, or never sent).
 
-        :class:`~greentask.errors.Cancelled` is raised in the task at its next
-        cooperative point; one still running ``cancel_grace`` seconds later is
-        killed. Either way its final reply is a ``Cancelled`` error.
+        :class:`~greentask.errors.Cancelled` is raised in the task at its next cooperative
+        point; one still running ``cancel_grace`` seconds later is killed. Either way its
+        final reply is a ``Cancelled`` error.
         """
         task_greenlet = self.find(owner, request_id)
         return task_greenlet is not None and self._stop(task_greenlet, BY_CALLER)
@@ -244,7 +243,8 @@ class TaskRunner:
         current = getcurrent()
         running = self.running
         started = monotonic()
-        running[current] = run = (owner, request, started)
+        run: RunningTask = (owner, request, started)  # typed: one object (RunningTask)
+        running[current] = run
         set_inflight = self._set_inflight
         set_inflight(len(running))
         try:

@@ -70,7 +70,7 @@ class Slot:
 
     __slots__ = ("_base", "_cells", "_counts", "_name_base", "_names", "_rows")
 
-    def __init__(self, cells: memoryview, names: memoryview, counts: memoryview,
+    def __init__(self, cells: memoryview[float], names: memoryview, counts: memoryview[float],
                  index: int) -> None:
         self._cells = cells
         self._base = index * len(FIELDS)

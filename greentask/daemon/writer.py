@@ -170,13 +170,16 @@ class ReplyWriter:
     def _write_loop(self) -> None:
         while self._outbox:
             self._sending = self._take()
+            failed = False  # a flag, not a break in the try: mypyc compiles no such break
             try:
                 self.sock.sendall(self._sending)
             except OSError as exc:
+                failed = True
                 self._fail(b"", exc)
-                break
             finally:
                 self._sending = b""
+            if failed:
+                break
             self._sent()
         self._writer = None
 
