@@ -10,7 +10,7 @@ from setuptools.errors import BaseError, CCompilerError
 
 HERE = Path(__file__).parent
 #: The modules every request runs through. Where mypyc is installed and a C
-#: compiler works they are compiled (a request costs about a fifth less:
+#: compiler works they are compiled (about a fifth fewer instructions per request:
 #: docs/performance.md); elsewhere, or with GREENTASK_COMPILE=0, the same
 #: source runs as Python.
 HOT_PATH = ["greentask/protocol.py", "greentask/daemon/connection.py",

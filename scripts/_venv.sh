@@ -33,8 +33,7 @@ if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ] || [ requirements.txt -nt "$st
         [ "$CONSTRAINTS" -nt "$stamp" ] || [ -n "$stale" ]; then
     echo "installing greentask${extras:+ with $extras extras} into $VENV" >&2
     "$VENV/bin/python" -m pip install --quiet --upgrade pip >&2
-    # setup.py compiles the hot path with mypyc (and a C compiler) when it can:
-    # both come from this venv, so the build is not isolated from it.
+    # mypyc comes from this venv, so the build is not isolated from it.
     "$VENV/bin/python" -m pip install --quiet -c "$CONSTRAINTS" setuptools mypy >&2
     find greentask -name "*$suffix" -delete
     "$VENV/bin/python" -m pip install --quiet -c "$CONSTRAINTS" --no-build-isolation \

@@ -6,8 +6,13 @@ scoreboard slot, and drives it through its TaskOwner seam.
 
 from __future__ import annotations
 
+import ast
+import importlib
+import os
+import re
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import gevent
@@ -286,12 +291,6 @@ def test_the_hot_path_runs_compiled_unless_installed_with_greentask_compile_0():
 
     .ci/run tests the compiled modules on 3.11 and 3.12, the source on 3.13.
     """
-    import ast
-    import importlib
-    import os
-    import re
-    from pathlib import Path
-
     setup_py = (Path(__file__).parent.parent / "setup.py").read_text()
     hot_path = ast.literal_eval(re.search(r"^HOT_PATH = (\[.*?\])", setup_py, re.M | re.S)[1])
     assert "greentask/daemon/runner.py" in hot_path
